@@ -1,0 +1,189 @@
+"""The model zoo: small models built from a seed (never downloaded), with inputs and the names LoRA can target.
+
+Every model is built in eval mode, on CPU in float32 under `torch.manual_seed(seed)`, then moved. Built models are
+cached and handed out as deep copies, so an example costs a copy, not a construction.
+"""
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Layer kinds, named as the driver capabilities that cover them.
+LINEAR, CONV1D, EMBEDDING, CONV2D = "linear", "conv1d", "embedding", "conv2d"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    build: Callable[[], nn.Module]
+    make_inputs: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    targets: dict[str, tuple[str, ...]]  # layer kind -> names usable in target_modules (leaf or dotted suffix)
+    layers: tuple[int, ...] = ()  # block indices, for layers_to_transform
+    layers_pattern: str = ""  # the block list's name; needed when the blocks sit at the top level
+    in_blocks: tuple[str, ...] = ()  # target names that live inside numbered blocks
+    saveable: tuple[str, ...] = ()  # modules_to_save candidates that hold no target
+    single_layer: bool = False  # one adapted layer called "layer": the formula tests use these
+    description: str = ""
+
+    def output(self, result) -> torch.Tensor:
+        """The tensor a forward pass produces: logits, last hidden state, or the tensor itself."""
+        for name in ("logits", "last_hidden_state"):
+            if hasattr(result, name):
+                return getattr(result, name)
+        return result
+
+
+def tiny_gpt2_config(**overrides):
+    from transformers import GPT2Config
+
+    # Dropouts off, so that train-mode tests see LoRA's dropout alone; token ids inside the vocabulary.
+    settings = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
+                    eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(**{**settings, **overrides})
+
+
+def _gpt2_lm() -> nn.Module:
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel(tiny_gpt2_config())
+
+
+def _gpt2_headless() -> nn.Module:
+    from transformers import GPT2Model
+
+    return GPT2Model(tiny_gpt2_config(n_embd=16, n_layer=3, n_head=2))
+
+
+def _token_inputs(vocab: int, length: int) -> Callable[[torch.Generator], dict]:
+    def make(generator: torch.Generator) -> dict:
+        input_ids = torch.randint(1, vocab, (2, length), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, length - 3:] = 0  # the second row is right-padded
+        input_ids[1, length - 3:] = 0
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return make
+
+
+def _tensor_inputs(*shape: int) -> Callable[[torch.Generator], dict]:
+    return lambda generator: {"x": torch.randn(*shape, generator=generator)}
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.proj(torch.relu(self.fc(x)))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 16, hidden: int = 24, depth: int = 2, classes: int = 6):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class Embedder(nn.Module):
+    def __init__(self, vocab: int = 40, width: int = 16, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.proj = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = torch.tanh(self.proj(self.embed(input_ids)))
+        return self.head(hidden)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(self.norm(x).mean(dim=(2, 3)))
+
+
+class Single(nn.Module):
+    """One layer called `layer`: what the formula tests adapt."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _conv1d_single() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(nf=10, nx=12)
+    nn.init.normal_(layer.weight, std=0.2)  # transformers initialises Conv1D lazily; give it values here
+    nn.init.normal_(layer.bias, std=0.2)
+    return Single(layer)
+
+
+ZOO: dict[str, ZooModel] = {m.name: m for m in [
+    ZooModel("gpt2-tiny", _gpt2_lm, _token_inputs(100, 8),
+             {CONV1D: ("c_attn", "c_fc", "c_proj", "attn.c_proj", "mlp.c_proj"), EMBEDDING: ("wpe",)},
+             layers=(0, 1), layers_pattern="h", in_blocks=("c_attn", "c_fc", "c_proj", "attn.c_proj", "mlp.c_proj"),
+             saveable=("ln_f",), description="GPT2LMHeadModel, 2 layers of width 32, vocab 100 (tied LM head)"),
+    ZooModel("gpt2-headless", _gpt2_headless, _token_inputs(100, 6),
+             {CONV1D: ("c_attn", "c_fc", "attn.c_proj", "mlp.c_proj")},
+             layers=(0, 1, 2), layers_pattern="h", in_blocks=("c_attn", "c_fc", "attn.c_proj", "mlp.c_proj"),
+             saveable=("ln_f",),
+             description="GPT2Model without a head, 3 layers of width 16"),
+    ZooModel("mlp", MLP, _tensor_inputs(2, 3, 16), {LINEAR: ("fc", "proj", "head", "blocks.1.fc")},
+             layers=(0, 1), layers_pattern="blocks", in_blocks=("fc", "proj", "blocks.1.fc"), saveable=("norm",),
+             description="two residual Linear blocks"),
+    ZooModel("embedder", Embedder, _token_inputs(40, 6), {EMBEDDING: ("embed",), LINEAR: ("proj", "head")},
+             description="Embedding (padding_idx 0) then Linear layers"),
+    ZooModel("convnet", ConvNet, _tensor_inputs(2, 3, 6, 6), {CONV2D: ("conv1", "conv2"), LINEAR: ("head",)},
+             saveable=("norm",), description="Conv2d 3x3 and 1x1, BatchNorm, Linear head"),
+    ZooModel("single-linear", lambda: Single(nn.Linear(12, 10)), _tensor_inputs(2, 3, 12), {LINEAR: ("layer",)},
+             single_layer=True),
+    ZooModel("single-conv1d", _conv1d_single, _tensor_inputs(2, 3, 12), {CONV1D: ("layer",)}, single_layer=True),
+    ZooModel("single-embedding", lambda: Single(nn.Embedding(30, 10)),
+             lambda g: {"x": torch.randint(0, 30, (2, 5), generator=g)}, {EMBEDDING: ("layer",)}, single_layer=True),
+    ZooModel("single-conv2d", lambda: Single(nn.Conv2d(3, 5, 3, stride=2, padding=1)), _tensor_inputs(2, 3, 7, 7),
+             {CONV2D: ("layer",)}, single_layer=True),
+]}
+
+
+@functools.lru_cache(maxsize=64)
+def _built(name: str, seed: int) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return ZOO[name].build().eval()
+
+
+def build(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh copy of zoo model `name` built from `seed`, on `device` in `dtype`."""
+    return copy.deepcopy(_built(name, seed)).to(device=device, dtype=dtype)
+
+
+def inputs(name: str, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """The model's inputs from `seed`; floating inputs in `dtype`."""
+    made = ZOO[name].make_inputs(torch.Generator().manual_seed(seed))
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in made.items()}
+
+
+def run(name: str, model: nn.Module, model_inputs: dict) -> torch.Tensor:
+    """The forward pass through the model's own __call__, reduced to its output tensor."""
+    return ZOO[name].output(model(**model_inputs))

@@ -1,0 +1,341 @@
+"""The pytest plugin (entry point `pytest11`): options, hypothesis profiles, the `impl` / `oracle` fixtures, the
+device and dtype axes, capability gating, a per-test timeout, and the per-requirement report.
+
+It stays inert in test runs that collect no conformance test.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from . import api, checks, expectations, report, spec
+from .terminal import print_summary
+
+ENV = "PEFT_CONFORMANCE_"
+SUITE_DIR = str(Path(__file__).parent / "suite")
+NOT_APPLICABLE, NOT_RUN = "not applicable: ", "not run: "
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+PROFILES = {
+    "dev": settings(max_examples=8, deadline=None, suppress_health_check=_quiet),
+    "ci": settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
+                   suppress_health_check=_quiet),
+    "thorough": settings(max_examples=200, deadline=None, suppress_health_check=_quiet),
+}
+for _name, _profile in PROFILES.items():
+    settings.register_profile(f"peft-conformance-{_name}", _profile)
+# The variables hypothesis itself reads to detect CI, tox's renamed CI included.
+CI_VARIABLES = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE", "CIRCLECI", "TF_BUILD", "JENKINS_URL",
+                "__TOX_ENVIRONMENT_VARIABLE_ORIGINAL_CI")
+
+
+@dataclass
+class State:
+    impl_spec: Optional[str]
+    devices: list[str]
+    dtypes: list[str]
+    profile: str
+    timeout: float
+    report_path: Optional[str]
+    expectations: Optional[expectations.Expectations]
+    results: report.Results = field(default_factory=report.Results)
+    active: bool = False
+    _impl: Optional[api.Driver] = None
+    _oracle: object = False
+
+    def impl(self) -> api.Driver:
+        if self._impl is None:
+            if not self.impl_spec:
+                raise pytest.UsageError("choose the implementation to test: --peft-impl NAME or module:attr "
+                                        f"(or {ENV}IMPL); registered: {sorted(api.available_drivers())}")
+            try:
+                self._impl = api.load_driver(self.impl_spec)
+            except ValueError as error:
+                raise pytest.UsageError(str(error)) from None
+        return self._impl
+
+    def oracle(self) -> Optional[api.Driver]:
+        if self._oracle is False:
+            try:
+                from .drivers.peft import PeftDriver
+                self._oracle = PeftDriver()
+            except ImportError:
+                self._oracle = None
+        return self._oracle
+
+
+state_key = pytest.StashKey[State]()
+
+
+def _option(config, name: str, default=None):
+    value = config.getoption(name.replace("-", "_"))
+    return value if value is not None else os.environ.get(ENV + name.upper().replace("-", "_"), default)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("peft-conformance", "LoRA conformance suite")
+    group.addoption("--peft-impl", help=f"the implementation under test: a registered driver name or module:attr "
+                                        f"[{ENV}IMPL]")
+    group.addoption("--peft-device", help="comma-separated devices; default: cpu, plus cuda when torch sees one. "
+                                          f"A device torch does not see is an error [{ENV}DEVICE]")
+    group.addoption("--peft-dtype", help=f"comma-separated base-model dtypes: float32, bfloat16, float16 "
+                                         f"(default float32) [{ENV}DTYPE]")
+    group.addoption("--peft-expectations", help=f"TOML file of known failures, owned by the implementer "
+                                                f"[{ENV}EXPECTATIONS]")
+    group.addoption("--peft-report", help=f"write the JSON report here, and a Markdown summary next to it "
+                                          f"[{ENV}REPORT]")
+    group.addoption("--peft-profile", choices=sorted(PROFILES), help=f"hypothesis profile: dev (fast), ci "
+                    f"(derandomized, no database), thorough (nightly); default ci on CI, else dev [{ENV}PROFILE]")
+    group.addoption("--peft-timeout", type=float, help=f"seconds before a test is stopped and failed "
+                                                       f"(default 300) [{ENV}TIMEOUT]")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "req(*ids): the requirement IDs a conformance test checks")
+    config.addinivalue_line("markers", "needs(*capabilities): driver capabilities the test needs to apply")
+    config.addinivalue_line("markers", "oracle: the test compares with peft and does not run without it")
+    devices = _devices(_option(config, "peft-device"))
+    dtypes = [d.strip() for d in (_option(config, "peft-dtype") or "float32").split(",") if d.strip()]
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise pytest.UsageError(f"--peft-dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    in_ci = any(os.environ.get(v) for v in CI_VARIABLES)
+    profile = _option(config, "peft-profile") or ("ci" if in_ci else "dev")
+    if profile not in PROFILES:
+        raise pytest.UsageError(f"{ENV}PROFILE {profile!r}: expected one of {sorted(PROFILES)}")
+    exp_path = _option(config, "peft-expectations")
+    config.stash[state_key] = State(
+        impl_spec=_option(config, "peft-impl"), devices=devices, dtypes=dtypes, profile=profile,
+        timeout=float(_option(config, "peft-timeout", 300)), report_path=_option(config, "peft-report"),
+        expectations=_load_expectations(exp_path) if exp_path else None)
+    config.pluginmanager.register(_Collector(config.stash[state_key]), "peft-conformance-collector")
+    if config.stash[state_key].impl_spec:
+        # Before collection: @given reads the default settings when the test module is imported.
+        settings.load_profile(f"peft-conformance-{profile}")
+
+
+def _load_expectations(path: str) -> expectations.Expectations:
+    try:
+        return expectations.load(path)
+    except (OSError, ValueError) as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def _devices(option: Optional[str]) -> list[str]:
+    """The devices to run on. Asking for one that torch does not see is an error (LORA-DEV-002)."""
+    if not option:
+        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    devices = [d.strip() for d in option.split(",") if d.strip()]
+    for device in devices:
+        kind = device.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise pytest.UsageError(f"--peft-device {device}: torch {torch.__version__} sees no CUDA device "
+                                    f"(built for CUDA {torch.version.cuda}); drop it or run on a GPU machine")
+        if kind not in ("cpu", "cuda"):
+            raise pytest.UsageError(f"--peft-device {device!r}: expected cpu or cuda[:N]")
+    return devices
+
+
+def _is_suite_item(item) -> bool:
+    return str(item.path).startswith(SUITE_DIR)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    state = config.stash[state_key]
+    suite_items = [item for item in items if _is_suite_item(item)]
+    if not suite_items:
+        return
+    state.active = True
+    state.impl()  # fail early, before any test, on an unknown or broken driver
+    if torch.cuda.is_available():  # TF32 would make CUDA results differ from CPU by ~1e-3
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    known = spec.requirements()
+    for item in suite_items:
+        ids = [i for marker in item.iter_markers("req") for i in marker.args]
+        if not ids:
+            raise pytest.UsageError(f"{item.nodeid}: a conformance test needs @pytest.mark.req(...)")
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: unknown requirement IDs {unknown}")
+        for category in ("UserWarning", "FutureWarning", "DeprecationWarning"):  # the implementations' own chatter
+            item.add_marker(pytest.mark.filterwarnings(f"ignore::{category}"))
+        if config.pluginmanager.hasplugin("timeout"):
+            method = "signal" if hasattr(__import__("signal"), "SIGALRM") else "thread"
+            item.add_marker(pytest.mark.timeout(state.timeout, method=method))
+
+
+def pytest_generate_tests(metafunc):
+    if not str(metafunc.definition.path).startswith(SUITE_DIR):
+        return
+    state = metafunc.config.stash[state_key]
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", state.devices)
+    if "dtype" in metafunc.fixturenames:
+        metafunc.parametrize("dtype", [DTYPES[d] for d in state.dtypes], ids=state.dtypes)
+
+
+@pytest.fixture(scope="session")
+def impl(request) -> api.Driver:
+    """The driver of the implementation under test."""
+    return request.config.stash[state_key].impl()
+
+
+@pytest.fixture(scope="session")
+def oracle(request) -> Optional[api.Driver]:
+    """peft's driver, or None when peft is not installed."""
+    return request.config.stash[state_key].oracle()
+
+
+@pytest.fixture(scope="session")
+def peft_devices(request) -> list[str]:
+    """The devices the run covers (--peft-device)."""
+    return request.config.stash[state_key].devices
+
+
+def pytest_runtest_setup(item):
+    if not _is_suite_item(item):
+        return
+    state = item.config.stash[state_key]
+    driver = state.impl()
+    needed = {c for marker in item.iter_markers("needs") for c in marker.args}
+    params = getattr(item, "callspec", None)
+    device = params.params.get("device", "cpu") if params else "cpu"
+    if str(device).startswith("cuda"):
+        needed.add("cuda")
+    missing = sorted(needed - set(driver.capabilities))
+    if missing:
+        pytest.skip(f"{NOT_APPLICABLE}{driver.name} does not declare {', '.join(missing)}")
+    if item.get_closest_marker("oracle") and state.oracle() is None:
+        pytest.skip(f"{NOT_RUN}peft is not installed, so there is no oracle to compare with")
+    checks.measurements.clear()
+    checks.widened.clear()
+    if state.expectations:
+        checks.widened.update(state.expectations.widened(_reqs(item), _cell(item, driver)))
+
+
+def _reqs(item) -> list[str]:
+    return [i for marker in item.iter_markers("req") for i in marker.args]
+
+
+def _cell(item, driver) -> dict:
+    params = getattr(item, "callspec", None)
+    cell = {"test": item.originalname, "device": "cpu", "dtype": "float32"}
+    if params:
+        cell.update({k: str(v).replace("torch.", "") for k, v in params.params.items() if k in ("device", "dtype")})
+    return cell
+
+
+def _failed_reqs(excinfo) -> list[str]:
+    if excinfo is None:
+        return []
+    error = excinfo.value
+    errors = list(error.exceptions) if isinstance(error, BaseExceptionGroup) else [error]
+    return sorted({e.req for e in errors if isinstance(e, checks.ConformanceFailure)})
+
+
+def _repro(item, state: State) -> str:
+    path, _, name = item.nodeid.partition("::")
+    return (f"pytest '{item.path}::{name}' -p no:cacheprovider --peft-impl={state.impl_spec} "
+            f"--peft-profile={state.profile}" + (" --peft-device=" + ",".join(state.devices)
+                                                    if state.devices != ["cpu"] else ""))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not _is_suite_item(item) or not item.config.stash[state_key].active:
+        return
+    if call.when == "teardown" or (call.when == "setup" and rep.passed):
+        return
+    state = item.config.stash[state_key]
+    driver = state.impl()
+    result = report.TestOutcome(nodeid=item.nodeid, reqs=_reqs(item), outcome="passed", cell=_cell(item, driver),
+                                measurements=[vars(m) for m in checks.measurements])
+    if rep.skipped:
+        reason = str(rep.longrepr[2]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        result.outcome = "not applicable" if reason.startswith(NOT_APPLICABLE) else "not run"
+        result.reason = reason.removeprefix(NOT_APPLICABLE).removeprefix(NOT_RUN)
+    elif rep.failed:
+        result.outcome = "failed"
+        result.failed_reqs = _failed_reqs(call.excinfo)
+        result.message = _first_lines(call.excinfo)
+        result.repro = _repro(item, state)
+        rep.sections.append(("reproduce", result.repro))
+    if state.expectations:
+        state.expectations.apply(result, rep)
+    rep.user_properties.append(("peft_conformance", report.outcome_to_dict(result)))
+
+
+def _first_lines(excinfo, most: int = 8) -> str:
+    if excinfo is None:
+        return ""
+    text = str(excinfo.value) or type(excinfo.value).__name__
+    if not isinstance(excinfo.value, checks.ConformanceFailure):
+        text = f"{type(excinfo.value).__name__}: {text}"
+    return "\n".join(text.splitlines()[:most])
+
+
+class _Collector:
+    """Gathers the outcomes, on the controller too when pytest-xdist runs the tests in workers."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    def pytest_runtest_logreport(self, report):
+        for key, value in getattr(report, "user_properties", ()):
+            if key == "peft_conformance":
+                self.state.active = True
+                self.state.results.add(_outcome(value))
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        expected = self.state.expectations
+        if self.state.active and expected and expected.unused(self.state.results.outcomes):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _outcome(value) -> "report.TestOutcome":
+    return report.outcome_from_dict(dict(value))
+
+
+@pytest.hookimpl
+def pytest_report_header(config):
+    state = config.stash[state_key]
+    if not state.impl_spec:
+        return None
+    lines = [f"peft-conformance: implementation {state.impl_spec}, devices {','.join(state.devices)}, "
+             f"dtypes {','.join(state.dtypes)}, hypothesis profile {state.profile}, torch {torch.__version__}"]
+    if not torch.cuda.is_available():
+        lines.append("peft-conformance: CUDA cases will NOT run: torch sees no GPU")
+    oracle = state.oracle()
+    lines.append(f"peft-conformance: oracle {'peft ' + oracle.version if oracle else 'NOT INSTALLED (oracle tests will not run)'}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    state = config.stash[state_key]
+    if not state.active:
+        return
+    results, driver = state.results, state.impl()
+    print_summary(terminalreporter, results, driver)
+    if state.expectations:
+        for entry in state.expectations.unused(results.outcomes):
+            terminalreporter.write_line(f"peft-conformance: ERROR: expectation {entry.describe()} in "
+                                        f"{state.expectations.path} matched no test: remove or fix it", red=True)
+    if state.report_path:
+        oracle = state.oracle()
+        data = report.to_json(results, {"name": driver.name, "version": driver.version, "entry": state.impl_spec,
+                                        "capabilities": sorted(driver.capabilities)},
+                              {"torch": torch.__version__, "devices": state.devices, "dtypes": state.dtypes,
+                               "hypothesis_profile": state.profile, "oracle": oracle.version if oracle else None,
+                               "cuda_available": torch.cuda.is_available()})
+        report.write(data, state.report_path)
+        terminalreporter.write_line(f"peft-conformance: report written to {state.report_path}")

@@ -1,0 +1,168 @@
+"""Per-requirement results: collected from test reports (also across pytest-xdist workers), rolled up to one
+status per requirement, and rendered as a terminal table, JSON and Markdown.
+
+Statuses: pass, fail, expected fail (an expectations-file entry), not applicable (a capability the driver does
+not declare), blocked (a prerequisite failed), not run (e.g. no oracle, no GPU).
+"""
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from . import SPEC_VERSION, __version__, spec
+
+REPORT_SCHEMA = "peft-conformance/report/v1"
+STATUS_ORDER = ("fail", "blocked", "expected fail", "pass", "not applicable", "not run")
+
+
+@dataclass
+class TestOutcome:
+    """What one test run contributes: the requirements it checks and how it went."""
+
+    nodeid: str
+    reqs: list[str]
+    outcome: str  # passed | failed | not applicable | not run | expected fail | unexpected pass
+    failed_reqs: list[str] = field(default_factory=list)
+    message: str = ""
+    repro: str = ""
+    reason: str = ""
+    measurements: list[dict] = field(default_factory=list)
+    cell: dict = field(default_factory=dict)
+    example: str = ""
+
+
+@dataclass
+class RequirementResult:
+    req: str
+    counts: dict = field(default_factory=lambda: {"passed": 0, "failed": 0, "expected fail": 0,
+                                                   "unexpected pass": 0, "not applicable": 0, "not run": 0})
+    worst: Optional[dict] = None
+    failures: list[dict] = field(default_factory=list)
+    reasons: set = field(default_factory=set)
+    status: str = "not run"
+    widened: bool = False
+
+
+class Results:
+    def __init__(self):
+        self.outcomes: list[TestOutcome] = []
+
+    def add(self, outcome: TestOutcome) -> None:
+        self.outcomes.append(outcome)
+
+    def by_requirement(self) -> dict[str, RequirementResult]:
+        results: dict[str, RequirementResult] = {}
+        for outcome in self.outcomes:
+            for req in dict.fromkeys([*outcome.reqs, *outcome.failed_reqs]):
+                result = results.setdefault(req, RequirementResult(req))
+                kind = outcome.outcome
+                if kind == "failed" and outcome.failed_reqs and req not in outcome.failed_reqs:
+                    continue  # this test stopped on another requirement; nothing is known about this one
+                result.counts[kind] += 1
+                if kind in ("not applicable", "not run") and outcome.reason:
+                    result.reasons.add(outcome.reason)
+                if kind in ("failed", "unexpected pass"):
+                    result.failures.append({"test": outcome.nodeid, "message": outcome.message,
+                                            "repro": outcome.repro, "cell": outcome.cell,
+                                            "example": outcome.example})
+            for m in outcome.measurements:
+                result = results.get(m["req"])
+                if result is None:
+                    continue
+                result.widened |= m.get("widened", False)
+                if result.worst is None or m["ratio"] > result.worst["ratio"]:
+                    result.worst = m
+        for result in results.values():
+            result.status = _status(result.counts)
+        for result in results.values():  # blocked: it did not pass, and something it depends on failed
+            deps = spec.requirements()[result.req].depends_on if result.req in spec.requirements() else ()
+            if result.status in ("fail", "not run") and any(
+                    results.get(d) is not None and results[d].status == "fail" for d in deps):
+                result.status = "blocked"
+        return dict(sorted(results.items(), key=lambda item: _sort_key(item[0])))
+
+    def summary(self) -> dict[str, int]:
+        totals = {status: 0 for status in STATUS_ORDER}
+        for result in self.by_requirement().values():
+            totals[result.status] += 1
+        return totals
+
+
+def _status(counts: dict) -> str:
+    if counts["failed"] or counts["unexpected pass"]:
+        return "fail"
+    if counts["expected fail"]:
+        return "expected fail"
+    if counts["passed"]:
+        return "pass"
+    if counts["not applicable"]:
+        return "not applicable"
+    return "not run"
+
+
+def _sort_key(req: str):
+    ids = list(spec.requirements())
+    return ids.index(req) if req in ids else len(ids)
+
+
+def worst_text(result: RequirementResult) -> str:
+    worst = result.worst
+    if not worst:
+        return ""
+    if worst["max_abs"] == 0:
+        return "0"
+    if worst["tolerance"] == "exact":
+        return f"{worst['max_abs']:.2g} (exact)"
+    return f"{worst['max_abs']:.2g} ({worst['ratio']:.2g}x {worst['tolerance']})"
+
+
+def to_json(results: Results, implementation: dict, environment: dict) -> dict:
+    """The JSON report (schema peft-conformance/report/v1)."""
+    by_req = results.by_requirement()
+    return {
+        "schema": REPORT_SCHEMA,
+        "suite_version": __version__,
+        "spec_version": SPEC_VERSION,
+        "implementation": implementation,
+        "environment": {"python": platform.python_version(), "platform": platform.platform(), **environment},
+        "summary": results.summary(),
+        "requirements": {
+            req: {"status": r.status, "title": spec.requirements()[req].title if req in spec.requirements() else "",
+                  "level": spec.requirements()[req].level if req in spec.requirements() else "",
+                  "counts": r.counts, "worst": r.worst, "widened": r.widened, "reasons": sorted(r.reasons),
+                  "failures": r.failures}
+            for req, r in by_req.items()},
+    }
+
+
+def to_markdown(report: dict) -> str:
+    """A summary for a CI job page: the totals, then one row per requirement."""
+    impl = report["implementation"]
+    totals = ", ".join(f"{n} {status}" for status, n in report["summary"].items() if n)
+    lines = [f"### peft-conformance: {impl.get('name')} {impl.get('version', '')}", "",
+             f"{totals} (spec v{report['spec_version']}, suite {report['suite_version']})", "",
+             "| requirement | level | status | worst error | title |", "|---|---|---|---|---|"]
+    for req, r in report["requirements"].items():
+        worst = ""
+        if r["worst"]:
+            worst = f"{r['worst']['max_abs']:.2g} ({r['worst']['tolerance']})"
+        title = r["title"] if len(r["title"]) < 90 else r["title"][:87] + "..."
+        lines.append(f"| [{req}](SPEC.md#{req.lower()}) | {r['level']} | {r['status']} | {worst} | {title} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2, default=str)
+    md_path = path[:-5] + ".md" if path.endswith(".json") else path + ".md"
+    with open(md_path, "w") as handle:
+        handle.write(to_markdown(report))
+
+
+def outcome_from_dict(data: dict) -> TestOutcome:
+    return TestOutcome(**data)
+
+
+def outcome_to_dict(outcome: TestOutcome) -> dict:
+    return asdict(outcome)

@@ -1,0 +1,54 @@
+"""The end-of-run table: one row per requirement, then the totals and the failures with their repro commands."""
+
+import io
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import spec
+from .report import Results, worst_text
+
+STYLES = {"pass": "green", "fail": "bold red", "blocked": "yellow", "expected fail": "magenta",
+          "not applicable": "dim", "not run": "dim"}
+
+
+def render(results: Results, title: str, width: int = 120, color: bool = False) -> str:
+    by_req = results.by_requirement()
+    table = Table(title=title, title_justify="left", expand=False, show_lines=False)
+    for column, options in (("requirement", {"no_wrap": True, "min_width": 16}), ("level", {"min_width": 6}),
+                            ("status", {"no_wrap": True, "min_width": 14}), ("tests", {"justify": "right"}),
+                            ("worst error / reason", {"max_width": 36}),
+                            ("title", {"no_wrap": True, "overflow": "ellipsis", "max_width": 70})):
+        table.add_column(column, **options)
+    for req, result in by_req.items():
+        info = spec.requirements().get(req)
+        counts = result.counts
+        tests = f"{counts['passed']}/{sum(counts.values())}"
+        detail = worst_text(result)
+        if result.status in ("not applicable", "not run", "expected fail") and result.reasons:
+            detail = "; ".join(sorted(result.reasons))
+        status = result.status + (" (widened)" if result.widened and result.status == "pass" else "")
+        table.add_row(req, info.level if info else "", f"[{STYLES[result.status]}]{status}[/]", tests,
+                      escape(detail), escape(info.title) if info else "")
+    totals = results.summary()
+    line = ", ".join(f"{n} {status}" for status, n in totals.items() if n)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=color, color_system="standard" if color else None)
+    console.print(table)
+    console.print(f"requirements: {line} (of {sum(totals.values())})")
+    for req, result in by_req.items():
+        if result.status == "fail":
+            for failure in result.failures[:2]:
+                console.print(f"\n[bold red]{req}[/] {failure['test']}", highlight=False)
+                console.print(failure["message"], markup=False, highlight=False)
+                if failure.get("repro"):
+                    console.print(f"reproduce: {failure['repro']}", markup=False, highlight=False)
+    return buffer.getvalue()
+
+
+def print_summary(terminalreporter, results: Results, driver) -> None:
+    terminalreporter.section("peft-conformance: requirements")
+    title = f"{driver.name} {driver.version}"
+    width = max(150, terminalreporter._tw.fullwidth)
+    terminalreporter.write(render(results, title, width, terminalreporter.hasmarkup))

@@ -1,0 +1,176 @@
+"""LoraConfig: the fields of peft's adapter_config.json that plain LoRA uses, their defaults and checks.
+
+Spec areas: CFG (fields, defaults, validation) and SER (what adapter_config.json holds).
+Reference: peft 0.21.2 `tuners/lora/config.py` and `config.py` (facts only; see SPEC.md).
+"""
+
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+# The peft release whose file format and numbers this package reproduces.
+PEFT_SPEC_VERSION = "0.21.2"
+
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+BIAS_MODES = ("none", "all", "lora_only")
+
+# peft's LoraConfig has fields for features outside plain LoRA (LoftQ, EVA, QALoRA, ...). We write them with
+# peft's defaults so that our adapter_config.json has exactly the keys peft writes, and refuse any other value
+# on load rather than silently computing something else (LORA-CFG-008).
+PEFT_ONLY_FIELDS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
+}
+
+Targets = Union[str, list[str], set[str], tuple[str, ...], None]
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA hyper-parameters, named and defaulted exactly as peft names them.
+
+    Spec: LORA-CFG-001 (defaults), LORA-CFG-002 (validation), LORA-CFG-003 (task_type).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: Targets = None
+    exclude_modules: Targets = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Union[int, list[int], None] = None
+    layers_pattern: Union[str, list[str], None] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    task_type: Optional[str] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    peft_type: str = "LORA"
+    auto_mapping: Optional[dict] = None
+    # "<release>@<producer>" is peft's own spelling for "not exactly this release" (peft config.py, dev builds).
+    peft_version: str = f"{PEFT_SPEC_VERSION}@reference_impl"
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = set(self.exclude_modules)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        _check_values(self)
+        _check_combinations(self)
+
+    @property
+    def is_regex_target(self) -> bool:
+        return isinstance(self.target_modules, str)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of adapter_config.json: peft's 41 keys, sets as sorted lists. Spec: LORA-SER-003."""
+        out = {**PEFT_ONLY_FIELDS, **asdict(self)}
+        for key, value in out.items():
+            if isinstance(value, set):
+                out[key] = sorted(value)
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Build a config from adapter_config.json content. Spec: LORA-LOAD-006, LORA-CFG-008."""
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"adapter_config.json: peft_type is {data['peft_type']!r}; only 'LORA' is supported")
+        known = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            if key in PEFT_ONLY_FIELDS and value != PEFT_ONLY_FIELDS[key]:
+                raise ValueError(
+                    f"adapter_config.json: {key}={value!r} selects a peft feature outside plain LoRA; "
+                    f"this implementation supports only {key}={PEFT_ONLY_FIELDS[key]!r}"
+                )
+        unknown = sorted(set(data) - known - set(PEFT_ONLY_FIELDS))
+        if unknown:
+            # peft does the same: a key from a newer release is ignored with a warning (cfg.py, from_peft_type).
+            warnings.warn(f"adapter_config.json: ignoring unknown keys {unknown}", UserWarning, stacklevel=2)
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def _check_values(config: LoraConfig) -> None:
+    """Reject values peft would reject later (or never): fail at construction, naming the field."""
+    r = config.r
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoraConfig.r must be a positive integer, got {r!r}")
+    _check_number("lora_alpha", config.lora_alpha)
+    dropout = config.lora_dropout
+    _check_number("lora_dropout", dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {dropout!r}")
+    if config.bias not in BIAS_MODES:
+        raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {config.bias!r}")
+    init = config.init_lora_weights
+    if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
+        raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {init!r}")
+    if config.task_type is not None and config.task_type not in TASK_TYPES:
+        raise ValueError(f"LoraConfig.task_type must be None or one of {TASK_TYPES}, got {config.task_type!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key, value in getattr(config, name).items():
+            _check_regex(f"{name} key", key)
+            _check_number(f"{name}[{key!r}]", value)
+            if name == "rank_pattern" and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+    if isinstance(config.target_modules, str):
+        _check_regex("target_modules", config.target_modules)
+    if isinstance(config.exclude_modules, str):
+        _check_regex("exclude_modules", config.exclude_modules)
+
+
+def _check_combinations(config: LoraConfig) -> None:
+    """peft's own __post_init__ checks, with peft's messages (peft 0.21.2 lora/config.py:1036-1113)."""
+    if config.is_regex_target and config.layers_to_transform is not None:
+        raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+    if config.is_regex_target and config.layers_pattern is not None:
+        raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+    if config.lora_bias and config.use_dora:
+        raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+    if config.lora_bias and config.init_lora_weights not in (True, False):
+        raise ValueError(
+            "The argument lora_bias=True is only supported with init_lora_weights=True or False, "
+            f"got init_lora_weights={config.init_lora_weights} instead."
+        )
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"LoraConfig.{name} must be a finite number, got {value!r}")
+
+
+def _check_regex(name: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ValueError(f"LoraConfig.{name} must be a string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"LoraConfig.{name} {pattern!r} is not a valid regular expression: {error}") from None

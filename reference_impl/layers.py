@@ -1,0 +1,319 @@
+"""LoRA layers: a frozen base layer plus named low-rank adapters, y = base(x) + B(A(dropout(x))) * scaling.
+
+Spec areas: INIT (shapes, initial values), FWD (forward), MERGE (delta weight, merge, unmerge).
+Attribute names (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`, ...) are peft's, because the
+saved keys are built from them. Papers: Hu et al. 2021, "LoRA", eq. 3; Kalajdzievski 2023, "rsLoRA".
+"""
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dora
+from .config import LoraConfig
+from .targeting import is_conv1d_transformers
+
+
+class LoraLayer(nn.Module):
+    """What every LoRA layer shares: the base layer, per-adapter scaling, activity and merge state.
+
+    Subclasses say how to build the factors (`add_adapter`), what the delta weight is (`delta_from_factors`)
+    and how the adapter output is added (`adapter_output`)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA only
+        self.r, self.lora_alpha, self.scaling, self.lora_bias = {}, {}, {}, {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.dora_merge_norms: dict[str, torch.Tensor] = {}
+        self.disabled = False
+
+    def _add_settings(self, name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
+        """Rank, scaling and dropout of a new adapter. Spec: LORA-FWD-002 (scaling), LORA-FWD-004 (dropout)."""
+        self.r[name], self.lora_alpha[name], self.lora_bias[name] = r, lora_alpha, config.lora_bias
+        self.scaling[name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+    def _finish_adapter(self, name: str, config: LoraConfig, upcast_half: bool) -> None:
+        """Move the new adapter to the base weight's device and dtype, add DoRA's magnitude, then (as peft does
+        in PeftModel) upcast fp16/bf16 adapters to fp32: their initial values keep the half-precision rounding.
+        Spec: LORA-INIT-006, LORA-INIT-008."""
+        weight = self.base_layer.weight
+        self._convert(name, device=weight.device, dtype=weight.dtype)
+        if config.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(dora.initial_magnitude(self, name))
+        if upcast_half and weight.dtype in (torch.float16, torch.bfloat16):
+            self._convert(name, dtype=torch.float32)
+
+    def _convert(self, name: str, **to) -> None:
+        for container in (*self.factor_containers(), self.lora_magnitude_vector):
+            if name in container:
+                item = container[name]
+                container[name] = item.to(**to) if isinstance(item, nn.Module) else nn.Parameter(item.to(**to))
+
+    def delete_adapter(self, name: str) -> None:
+        for container in (self.lora_dropout, self.lora_magnitude_vector, *self.factor_containers()):
+            if name in container:
+                del container[name]
+        for settings in (self.r, self.lora_alpha, self.scaling, self.lora_bias):
+            settings.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def out_first(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight seen as (out_features, in_features, ...); its own inverse."""
+        return weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * (B @ A), shaped like the base weight; fp16/bf16 factors on CPU are multiplied in fp32.
+
+        Spec: LORA-MERGE-001."""
+        A, B = self.factors(name)
+        half_on_cpu = B.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
+        if half_on_cpu:
+            A, B = A.float(), B.float()
+        delta = self.out_first(self.delta_from_factors(A, B)) * self.scaling[name]
+        return delta.to(B.dtype) if half_on_cpu else delta
+
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weight; safe_merge checks for NaN/Inf first. Spec: LORA-MERGE-005."""
+        base = self.base_layer
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            weight = self.merged_weight(name, base.weight.data.clone() if safe_merge else base.weight.data)
+            bias = self.lora_bias_after_merge(name, sign=1)
+            if safe_merge and not all(torch.isfinite(t).all() for t in (weight, bias) if t is not None):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            base.weight.data = weight
+            if bias is not None:
+                base.bias.data = bias
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take merged adapters out again, last merged first. Spec: LORA-MERGE-003."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.base_layer.weight.data = self.unmerged_weight(name, self.base_layer.weight.data)
+            bias = self.lora_bias_after_merge(name, sign=-1)
+            if bias is not None:
+                self.base_layer.bias.data = bias
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.merged_weight(self, name, weight)
+        weight += self.delta_weight(name).to(weight.dtype)
+        return weight
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.unmerged_weight(self, name, weight)
+        weight -= self.delta_weight(name).to(weight.dtype)
+        return weight
+
+    def lora_bias_after_merge(self, name: str, sign: int) -> Optional[torch.Tensor]:
+        """With lora_bias, merging also adds s * B.bias to the base bias. Spec: LORA-MERGE-007."""
+        if not self.lora_bias[name]:
+            return None
+        if getattr(self.base_layer, 'bias', None) is None:
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        return self.base_layer.bias.data + sign * self.lora_B[name].bias * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Spec: LORA-FWD-001, LORA-FWD-005, LORA-FWD-007, LORA-MULTI-004."""
+        if self.disabled and self.merged_adapters:
+            self.unmerge()  # peft 0.21.2 layer.py:1079: a disabled, merged layer unmerges for good (LORA-FWD-007)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged_adapters:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.r:
+                result, x = self.adapter_output(name, x, result)
+        return result.to(result_dtype)
+
+
+class Linear(LoraLayer):
+    """LoRA for nn.Linear, and for GPT-2's Conv1D, whose weight is stored transposed (fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d_transformers(base_layer)
+        weight_shape = tuple(base_layer.weight.shape)
+        self.in_features, self.out_features = weight_shape if self.fan_in_fan_out else weight_shape[::-1]
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+
+    def factor_containers(self):
+        return self.lora_A, self.lora_B
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """The adapter's parameters by saved key suffix: lora_A.weight, lora_B.weight[, lora_B.bias,
+        lora_magnitude_vector]. Spec: LORA-KEYS-001, LORA-KEYS-005."""
+        tensors = {f"lora_A.{key}": p for key, p in self.lora_A[name].named_parameters()}
+        tensors.update({f"lora_B.{key}": p for key, p in self.lora_B[name].named_parameters()})
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return tensors
+
+    def make_factors(self, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+        return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool) -> None:
+        """Spec: LORA-INIT-001 (shapes), LORA-INIT-002..005 (values, bit-exact for a given torch seed)."""
+        self._add_settings(name, r, lora_alpha, config)
+        # Both constructors draw their default init from the global RNG, A first: peft draws in this order.
+        self.lora_A[name], self.lora_B[name] = self.make_factors(r, config.lora_bias)
+        init = config.init_lora_weights
+        if init is not False:  # True: A as nn.Linear inits it (kaiming uniform). "gaussian": A ~ N(0, 1/r).
+            A, B = self.lora_A[name], self.lora_B[name]
+            if init is True:
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            else:
+                nn.init.normal_(A.weight, std=1 / r)
+            nn.init.zeros_(B.weight)
+            if B.bias is not None:
+                nn.init.zeros_(B.bias)
+        self._finish_adapter(name, config, upcast_half)
+
+    def out_first(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return B @ A  # (out, in)
+
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor):
+        """result + B(A(dropout(x))) * s; x is cast to the adapter dtype and stays cast for later adapters."""
+        x = x.to(self.lora_A[name].weight.dtype)
+        if name in self.lora_magnitude_vector:
+            return dora.adapted_output(self, name, x, result), x
+        return result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name], x
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.out_first(self.base_layer.weight).to(x.dtype))
+
+    def broadcast_bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+
+class Conv(Linear):
+    """LoRA for nn.Conv1d/2d/3d: A is a conv like the base (kernel, stride, padding; dilation and groups left at
+    1, as in peft), B a 1x1 conv with the base's groups. Spec: LORA-FWD-009."""
+
+    def __init__(self, base_layer: nn.modules.conv._ConvNd):
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        if base_layer.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
+
+    def make_factors(self, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+        base = self.base_layer
+        if r % base.groups:
+            raise ValueError(f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. "
+                             "Currently, support is limited to conv layers where the rank is divisible by groups.")
+        ones = (1,) * (base.weight.dim() - 2)
+        A = type(base)(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        B = type(base)(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+        return A, B
+
+    def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("or,ri...->oi...", B.flatten(1), A)  # (out, in, *kernel)
+
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if self.base_layer.groups > 1:
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+        super().merge(adapter_names, safe_merge)
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return base._conv_forward(x, base.weight.to(x.dtype), None)
+
+    def broadcast_bias(self) -> Optional[torch.Tensor]:
+        bias = self.base_layer.bias
+        return None if bias is None else bias.view(-1, *[1] * (self.base_layer.weight.dim() - 2))
+
+
+class Embedding(LoraLayer):
+    """LoRA for nn.Embedding: A (r, vocab) is looked up like an embedding table, then projected by B (dim, r)."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
+
+    def factor_containers(self):
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """Saved without ".weight": lora_embedding_A, lora_embedding_B. Spec: LORA-KEYS-002."""
+        tensors = {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return tensors
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool) -> None:
+        """Spec: LORA-INIT-001, LORA-INIT-002: init True or "gaussian" gives A = 0 and B ~ N(0, 1)."""
+        if config.lora_bias:
+            raise ValueError("lora_bias=True is not supported for Embedding.")
+        self._add_settings(name, r, lora_alpha, config)
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
+        if config.init_lora_weights is not False:
+            nn.init.zeros_(self.lora_embedding_A[name])
+            nn.init.normal_(self.lora_embedding_B[name])
+        self._finish_adapter(name, config, upcast_half)
+
+    def out_first(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T  # the table is (vocab, dim)
+
+    def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return B @ A  # (dim, vocab)
+
+    def lookup(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Embed with the base layer's options (padding_idx only changes gradients)."""
+        base = self.base_layer
+        return F.embedding(tokens, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor):
+        """result + (A.T[x] @ B.T) * s, with no dropout and no input cast, as in peft. Spec: LORA-FWD-003."""
+        if name in self.lora_magnitude_vector:
+            return dora.adapted_output(self, name, x, result), x
+        A, B = self.factors(name)
+        return result + (self.lookup(x, A.T) @ B.T) * self.scaling[name], x
+
+
+def warn_fan_in_fan_out(base_layer: nn.Module, config: LoraConfig) -> None:
+    """peft corrects fan_in_fan_out per layer type, warns, and saves the last correction. Spec: LORA-CFG-004."""
+    if isinstance(base_layer, nn.Linear) and config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                      "Setting fan_in_fan_out to False.")
+        config.fan_in_fan_out = False
+    elif is_conv1d_transformers(base_layer) and not config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                      "Setting fan_in_fan_out to True.")
+        config.fan_in_fan_out = True
+
+
+def make_lora_layer(module: nn.Module) -> Optional[LoraLayer]:
+    """The LoRA class for a base module, or None if LoRA cannot adapt it. Spec: LORA-MATCH-007."""
+    if isinstance(module, nn.Embedding):
+        return Embedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv(module)
+    if isinstance(module, nn.Linear) or is_conv1d_transformers(module):
+        return Linear(module)
+    return None

@@ -1,0 +1,202 @@
+"""Putting adapters into a model, and taking them out: injection, trainability, merge and unload, adapters.
+
+Spec areas: MATCH (which modules), PARAM (what trains, counts), MERGE/UNLOAD, MULTI (several adapters).
+Injection is in place: the caller's model object gets the LoRA layers, and the base layers inside them are the
+caller's own modules, not copies (LORA-UNLOAD-002).
+"""
+
+import copy
+import warnings
+from typing import Iterator, Optional
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, make_lora_layer, warn_fan_in_fan_out
+from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+from .targeting import is_excluded, matches_target, no_match_error, pattern_value, resolve_targets, unmatched_pattern_keys
+
+
+def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+class LoraModel(nn.Module):
+    """The user's model (`self.model`) with LoRA layers in it, and the adapters' configs by name.
+
+    peft nests it as `PeftModel.base_model`, so parameter names start with `base_model.model.`."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", upcast_half=True):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters = [adapter_name]
+        self.targeted_module_names: list[str] = []
+        self.inject(config, adapter_name, upcast_half)
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer))
+
+    def wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
+
+    def inject(self, config: LoraConfig, adapter_name: str, upcast_half: bool = True) -> None:
+        """Add adapter `adapter_name` to every targeted module, in `named_modules()` order (the order in which
+        peft draws initial values). Spec: LORA-MATCH-001..008, LORA-INIT-003."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
+                             "set bias to 'none' for all adapters.")
+        config = copy.deepcopy(config)  # peft edits the caller's config in place; we edit a copy (LORA-CFG-007)
+        resolve_targets(self.model, config)
+        names = [name for name, _ in self.model.named_modules()]
+        inside_lora = {f"{path}.{sub}" for path, layer in self.lora_layers() for sub, _ in layer.named_modules()}
+        targeted, excluded = [], 0
+        for name in names:
+            if not name or name in inside_lora:
+                continue
+            if is_excluded(name, config):
+                excluded += 1
+                continue
+            if not matches_target(name, config):
+                continue
+            self._add_to_module(name, config, adapter_name, upcast_half)
+            targeted.append(name)
+        if not targeted:
+            raise no_match_error(config, names, excluded)
+        for label, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+            if unmatched := unmatched_pattern_keys(patterns, targeted):
+                warnings.warn(f"The following {label} keys did not match any targeted module and were ignored: "
+                              f"{unmatched}.", RuntimeWarning)
+        if config.modules_to_save:
+            wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        self.targeted_module_names += [n for n in targeted if n not in self.targeted_module_names]
+        self.peft_config[adapter_name] = config
+
+    def _add_to_module(self, name: str, config: LoraConfig, adapter_name: str, upcast_half: bool) -> None:
+        module = self.model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            base = module
+            module = make_lora_layer(base)
+            if module is None:
+                raise ValueError(f"Target module {name} ({type(base).__name__}) is not supported. Currently, only "
+                                 "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
+                                 "`torch.nn.Conv3d` and `transformers.pytorch_utils.Conv1D` are supported.")
+            _swap(self.model, name, module)
+        warn_fan_in_fan_out(module.base_layer, config)
+        r = pattern_value(name, config.rank_pattern, config.r)
+        alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        module.add_adapter(adapter_name, r, alpha, config, upcast_half)
+        module.active_adapters = list(self.active_adapters)
+
+    # --- which adapters run and train ---------------------------------------------------------------------
+
+    def set_adapter(self, names, inference_mode: bool = False) -> None:
+        """Activate one or several adapters; they (and only they) train. Spec: LORA-MULTI-002, LORA-PARAM-002."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} not found.")
+        for _, layer in self.lora_layers():
+            if layer.merged_adapters:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+            layer.active_adapters = list(names)
+        for wrapper in self.wrappers():
+            active = [n for n in names if n in wrapper.modules_to_save]
+            if len(active) > 1:
+                raise ValueError(f"Attempted to set multiple ({active}) adapters at once for modules_to_save.")
+            wrapper.active_adapter = active[0] if active else None
+        self.active_adapters = names
+        self.mark_trainable(inference_mode)
+
+    def mark_trainable(self, inference_mode: bool = False) -> None:
+        """Base frozen; the active adapters, their modules_to_save copies and, with `bias`, biases train."""
+        self.model.requires_grad_(False)
+        if inference_mode:
+            return
+        for name in self.active_adapters:
+            for _, tensor in adapter_parameters(self.model, name, self.peft_config[name].bias):
+                if isinstance(tensor, nn.Parameter):  # not the buffers of modules_to_save copies
+                    tensor.requires_grad_(True)
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """A new adapter, inactive and frozen. Spec: LORA-MULTI-001."""
+        self.inject(config, adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Spec: LORA-MULTI-003."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. "
+                             "Please unmerge them first.")
+        del self.peft_config[adapter_name]
+        for _, layer in self.lora_layers():
+            layer.delete_adapter(adapter_name)
+        for wrapper in self.wrappers():
+            wrapper.modules_to_save.pop(adapter_name, None)
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+            warnings.warn(f"Adapter {adapter_name} was active and was deleted; setting {remaining[0]} active.")
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapters = []
+
+    def set_disabled(self, disabled: bool) -> None:
+        for layer in (*(m for _, m in self.lora_layers()), *self.wrappers()):
+            layer.disabled = disabled
+
+    # --- merge and unload -------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Spec: LORA-MERGE-001, LORA-MERGE-005."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        for _, layer in self.lora_layers():
+            layer.merge(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def unload(self, merge: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Put the original modules back (after merging, if asked) and return the bare model.
+
+        modules_to_save wrappers give back their active copy, as peft does. Spec: LORA-UNLOAD-001, -002."""
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge)
+        for path, layer in list(self.lora_layers()):
+            _swap(self.model, path, layer.base_layer)
+        for path, wrapper in [(p, m) for p, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
+            _swap(self.model, path, wrapper.active_module())
+        return self.model
+
+
+
+def adapter_parameters(model: nn.Module, name: str, bias: str = "none") -> Iterator[tuple[str, nn.Parameter]]:
+    """(path, tensor) for all that adapter `name` trains and saves: the LoRA factors (and DoRA magnitude),
+    its modules_to_save copies (with their buffers) and, with `bias`, the biases.
+    Spec: LORA-KEYS-001..006, LORA-PARAM-004."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and name in module.r:
+            yield from ((f"{path}.{suffix}", p) for suffix, p in module.adapter_tensors(name).items())
+        elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+            yield from ((f"{path}.{suffix}", p) for suffix, p in module.adapter_tensors(name).items())
+    if bias == "all":  # every bias of the model, LoRA's own and the wrappers' copies aside
+        yield from ((path, p) for path, p in model.named_parameters() if (path == "bias" or path.endswith(".bias"))
+                    and not any(part in path for part in (".lora_", ".modules_to_save.", ".original_module.")))
+    elif bias == "lora_only":  # the biases of the layers this adapter adapts
+        for path, module in model.named_modules():
+            bias_ = getattr(module.base_layer, "bias", None) if isinstance(module, LoraLayer) else None
+            if bias_ is not None and name in module.r:
+                yield f"{path}.base_layer.bias", bias_

@@ -1,0 +1,176 @@
+"""The user-facing wrapper, shaped like peft's: get_peft_model, PeftModel (save, load, counts, adapters) and
+inject_adapter_in_model for integrations that want adapters without a wrapper.
+
+Spec areas: PARAM (counts), SER (save_pretrained), LOAD (from_pretrained, load_adapter), MULTI.
+"""
+
+import contextlib
+import warnings
+from typing import Optional
+
+from torch import nn
+
+from . import save_load
+from .config import LoraConfig
+from .model import LoraModel
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters. Calls and unknown attributes go to the wrapped model, so a transformers
+    model keeps its forward signature (input_ids, attention_mask, labels, ...) and its methods."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = LoraModel(model, config, adapter_name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapters[0]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # --- counts -----------------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all): numel over named_parameters(), a tied weight counted once. Spec: LORA-PARAM-001."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- adapters ---------------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        self.base_model.add_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside the block the model computes as the base model. On exit the active adapters become trainable
+        again, even one loaded frozen, as in peft 0.21.2 (peft_model.py:1022-1077). Spec: LORA-FWD-007."""
+        if any(self.peft_config[a].bias != "none" for a in self.base_model.active_adapters):
+            warnings.warn("Careful, disabling adapter layers with bias configured to be 'all' does not produce "
+                          "the same output as the base model would without adaption.")
+        self.base_model.set_disabled(True)
+        self.base_model.model.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.base_model.set_disabled(False)
+            self.base_model.set_adapter(self.base_model.active_adapters)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Spec: LORA-MERGE-004."""
+        return self.base_model.unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Spec: LORA-UNLOAD-001."""
+        return self.base_model.unload()
+
+    # --- files ------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None) -> None:
+        """One directory per adapter ("default" at the top, others in subfolders). Spec: LORA-SER-001..004."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
+                             f"are {list(self.peft_config)} - got {unknown}.")
+        for name in names:
+            save_load.write_adapter(save_load.adapter_directory(save_directory, name),
+                                    save_load.get_peft_model_state_dict(self, adapter_name=name),
+                                    self._config_to_save(name))
+
+    def _config_to_save(self, adapter_name: str) -> dict:
+        """adapter_config.json as peft writes it: inference_mode true, the base model's class when there is no
+        task_type, and base_model_name_or_path null for a model built from a config. Spec: LORA-SER-003."""
+        config = self.peft_config[adapter_name].to_dict()
+        model = self.get_base_model()
+        config["inference_mode"] = True
+        config["base_model_name_or_path"] = config["base_model_name_or_path"] or getattr(model, "name_or_path", None) or None
+        if config["task_type"] is None:
+            config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+        return config
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        subfolder: Optional[str] = None, allow_pickle: bool = False) -> "PeftModel":
+        """Wrap `model` and load the adapter saved in `model_id`. Without is_trainable the result is frozen and in
+        eval mode. Spec: LORA-LOAD-001, LORA-LOAD-004."""
+        directory = save_load.Path(model_id, subfolder or "")
+        config = save_load.read_config(directory)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_weights(directory, adapter_name, allow_pickle)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False) -> save_load.IncompatibleKeys:
+        """Add a saved adapter next to the existing ones, inactive. Spec: LORA-MULTI-006."""
+        config = save_load.read_config(model_id)
+        config.inference_mode = not is_trainable
+        self.base_model.add_adapter(adapter_name, config)
+        keys = self._load_weights(model_id, adapter_name, allow_pickle)
+        if is_trainable:
+            for p in save_load.adapter_state_dict(self, adapter_name).values():
+                p.requires_grad_(True)
+        else:
+            self.eval()
+        return keys
+
+    def _load_weights(self, directory, adapter_name: str, allow_pickle: bool) -> save_load.IncompatibleKeys:
+        tensors = save_load.read_weights(directory, allow_pickle)
+        try:
+            keys = save_load.set_peft_model_state_dict(self, tensors, adapter_name)
+        except ValueError as error:
+            raise ValueError(f"{save_load.Path(directory) / save_load.WEIGHTS_NAME}: {error}") from None
+        if keys.missing_keys:  # peft warns and keeps the fresh initialisation; unexpected keys pass silently
+            warnings.warn(f"Found missing adapter keys while loading the checkpoint: {keys.missing_keys}.")
+        return keys
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Inject LoRA into `model` (in place) and wrap it. Spec: LORA-MATCH-*, LORA-INIT-*, LORA-PARAM-002."""
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Add LoRA layers to `model` without a wrapper; the adapters stay half precision if the base is. Saved keys
+    have no "base_model.model." prefix. Spec: LORA-KEYS-004."""
+    lora_model = LoraModel(model, peft_config, adapter_name, upcast_half=False)
+    model.peft_config = lora_model.peft_config
+    return model

@@ -1,0 +1,135 @@
+"""peft's adapter format: which tensors are saved under which keys, and the two files of an adapter directory.
+
+    adapter_model.safetensors   keys "base_model.model.<module path>.lora_A.weight", ..., metadata {"format": "pt"}
+    adapter_config.json         the LoraConfig, 41 keys, sorted, indented by 2
+
+Spec areas: KEYS, SER, LOAD. The adapter name never appears in a saved key (LORA-KEYS-001); a non-default
+adapter is saved in a subfolder named after it (LORA-SER-004).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoraConfig
+from .model import LoraModel, adapter_parameters
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _adapter_owner(model: nn.Module) -> tuple[dict, str]:
+    """(peft_config, key prefix): a PeftModel's keys start with "base_model.model.", an injected model's don't."""
+    if isinstance(getattr(model, "base_model", None), LoraModel):
+        return model.base_model, PEFT_PREFIX
+    if hasattr(model, "peft_config"):
+        return model, ""
+    raise ValueError(f"{type(model).__name__} has no LoRA adapters: use get_peft_model or inject_adapter_in_model")
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """The live parameters of one adapter, keyed as peft saves them. Spec: LORA-KEYS-001..006."""
+    owner, prefix = _adapter_owner(model)
+    if adapter_name not in owner.peft_config:
+        raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {sorted(owner.peft_config)}")
+    inner = owner.model if prefix else owner
+    bias = owner.peft_config[adapter_name].bias
+    return {prefix + path: p for path, p in adapter_parameters(inner, adapter_name, bias)}
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict=None, adapter_name: str = "default"):
+    """What save_pretrained writes: detached tensors under peft's keys. Spec: LORA-SER-002."""
+    return {key: p.detach() for key, p in adapter_state_dict(model, adapter_name).items()}
+
+
+def set_peft_model_state_dict(model: nn.Module, state_dict: dict, adapter_name: str = "default") -> IncompatibleKeys:
+    """Copy saved tensors into adapter `adapter_name`. Keys with the "base_model.model." prefix are accepted by
+    an injected model too. Spec: LORA-LOAD-005."""
+    params = adapter_state_dict(model, adapter_name)
+    if params and not next(iter(params)).startswith(PEFT_PREFIX):
+        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
+    for key, value in state_dict.items():
+        if key in params and params[key].shape != value.shape:
+            raise ValueError(f"Shape mismatch for {key}: the checkpoint has {tuple(value.shape)}, "
+                             f"the model expects {tuple(params[key].shape)}")
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            if key in params:
+                params[key].copy_(value)
+    missing = [key for key in params if key not in state_dict]
+    return IncompatibleKeys(missing, [key for key in state_dict if key not in params])
+
+
+def adapter_directory(directory, adapter_name: str) -> Path:
+    """"default" lives in the directory itself, any other adapter in a subfolder named after it."""
+    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+
+
+def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write both files so that an interruption never leaves a pair that loads but does not belong together:
+    the old config goes first, the new config comes last (a directory without one does not load). LORA-ERR-010."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Clone so that tied or non-contiguous tensors are written as plain, separate tensors (safetensors refuses
+    # shared storage).
+    tensors = {key: t.detach().clone().contiguous().cpu() for key, t in tensors.items()}
+    weights_tmp = directory / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
+    config_tmp = directory / f".{CONFIG_NAME}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+        (directory / CONFIG_NAME).unlink(missing_ok=True)
+        os.replace(weights_tmp, directory / WEIGHTS_NAME)
+        os.replace(config_tmp, directory / CONFIG_NAME)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+
+
+def read_config(directory) -> LoraConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} here; an adapter directory holds {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return LoraConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def read_weights(directory, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter tensors. A pickled adapter_model.bin runs code when loaded: only with allow_pickle=True."""
+    path = Path(directory) / WEIGHTS_NAME
+    pickle_path = Path(directory) / PICKLE_WEIGHTS_NAME
+    if not path.is_file():
+        if pickle_path.is_file() and allow_pickle:
+            return torch.load(pickle_path, map_location="cpu", weights_only=True)
+        hint = f" ({PICKLE_WEIGHTS_NAME} is there: pass allow_pickle=True to load it)" if pickle_path.is_file() else ""
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} here{hint}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {key} holds NaN or Inf values")
+    return tensors
