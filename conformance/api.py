@@ -25,6 +25,7 @@ CAPABILITIES = {
     "rslora": "use_rslora (scaling alpha / sqrt(r))",
     "dropout": "lora_dropout in train mode, drawing the same mask as peft for the same torch seed",
     "init_rng": "initial A and B bit-identical to peft's for the same torch seed",
+    "init_variants": "init_lora_weights=False and 'gaussian' (True is always required)",
     "patterns": "rank_pattern / alpha_pattern",
     "layers": "layers_to_transform / layers_pattern",
     "regex_targets": "target_modules / exclude_modules given as a regex string, and 'all-linear'",

@@ -4,7 +4,7 @@
     req = "LORA-INIT-007"                       # the requirement
     status = "fail"                             # fail | flaky | tolerance
     reason = "loralib layers copy the base weight into a new module"   # required
-    where = { device = "cuda", test = "test_injection_is_in_place" }   # optional: any of test, device, dtype
+    where = { device = "cuda", test = "test_injection_is_in_place" }   # optional: test, id, device, dtype
     # status = "tolerance" takes rtol / atol: a widened tolerance, reported as such
 
 Strict: an expected failure that passes, and an entry that matches no test, fail the run.
@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 STATUSES = ("fail", "flaky", "tolerance")
-WHERE_KEYS = ("test", "device", "dtype")
+WHERE_KEYS = ("test", "id", "device", "dtype")  # id: the test's name with its parameters, "test_x[r=0]"
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Adapted:
     values: dict = field(default_factory=dict)
     original: Optional[nn.Module] = None  # the base model object that was wrapped
     original_modules: dict = field(default_factory=dict)  # its modules by name, before wrapping
+    original_params: dict = field(default_factory=dict)  # its parameters by name, before wrapping
 
     @property
     def inputs(self) -> dict:
@@ -46,11 +47,12 @@ def wrap(driver: Driver, case: Case, device: str, dtype: torch.dtype, adapter_na
     """Build the case's base model and wrap it, the torch seed set to case.init_seed just before, then switch
     it to eval mode: peft creates its LoRA layers in train mode even inside an eval-mode model."""
     base = models.build(case.model, case.model_seed, device, dtype)
-    modules = dict(base.named_modules())
+    modules, params = dict(base.named_modules()), dict(base.named_parameters())
     torch.manual_seed(case.init_seed)
     model = driver.wrap(base, copy.deepcopy(case.config), adapter_name)
     model.eval()
-    return Adapted(driver, model, case, device, dtype, original=base, original_modules=modules)
+    return Adapted(driver, model, case, device, dtype, original=base, original_modules=modules,
+                   original_params=params)
 
 
 def adapter_values(initial: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

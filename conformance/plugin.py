@@ -11,7 +11,7 @@ from typing import Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from . import api, checks, expectations, report, spec
 from .terminal import print_summary
@@ -27,6 +27,9 @@ PROFILES = {
     "ci": settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
                    suppress_health_check=_quiet),
     "thorough": settings(max_examples=200, deadline=None, suppress_health_check=_quiet),
+    # a smoke run: few examples, failures reported as found (no shrinking)
+    "quick": settings(max_examples=4, deadline=None, derandomize=True, database=None,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=_quiet),
 }
 for _name, _profile in PROFILES.items():
     settings.register_profile(f"peft-conformance-{_name}", _profile)
@@ -91,7 +94,8 @@ def pytest_addoption(parser):
     group.addoption("--peft-report", help=f"write the JSON report here, and a Markdown summary next to it "
                                           f"[{ENV}REPORT]")
     group.addoption("--peft-profile", choices=sorted(PROFILES), help=f"hypothesis profile: dev (fast), ci "
-                    f"(derandomized, no database), thorough (nightly); default ci on CI, else dev [{ENV}PROFILE]")
+                    f"(derandomized, no database), thorough (nightly), quick (smoke, no shrinking); default ci on CI, "
+                    f"else dev [{ENV}PROFILE]")
     group.addoption("--peft-timeout", type=float, help=f"seconds before a test is stopped and failed "
                                                        f"(default 300) [{ENV}TIMEOUT]")
 
@@ -226,7 +230,7 @@ def _reqs(item) -> list[str]:
 
 def _cell(item, driver) -> dict:
     params = getattr(item, "callspec", None)
-    cell = {"test": item.originalname, "device": "cpu", "dtype": "float32"}
+    cell = {"test": item.originalname, "id": item.name, "device": "cpu", "dtype": "float32"}
     if params:
         cell.update({k: str(v).replace("torch.", "") for k, v in params.params.items() if k in ("device", "dtype")})
     return cell
@@ -266,7 +270,8 @@ def pytest_runtest_makereport(item, call):
         result.reason = reason.removeprefix(NOT_APPLICABLE).removeprefix(NOT_RUN)
     elif rep.failed:
         result.outcome = "failed"
-        result.failed_reqs = _failed_reqs(call.excinfo)
+        # a crash or a plain assertion is charged to every requirement the test checks
+        result.failed_reqs = _failed_reqs(call.excinfo) or result.reqs
         result.message = _first_lines(call.excinfo)
         result.repro = _repro(item, state)
         rep.sections.append(("reproduce", result.repro))

@@ -57,10 +57,10 @@ class Results:
             for req in dict.fromkeys([*outcome.reqs, *outcome.failed_reqs]):
                 result = results.setdefault(req, RequirementResult(req))
                 kind = outcome.outcome
-                if kind == "failed" and outcome.failed_reqs and req not in outcome.failed_reqs:
+                if kind in ("failed", "expected fail") and req not in outcome.failed_reqs:
                     continue  # this test stopped on another requirement; nothing is known about this one
                 result.counts[kind] += 1
-                if kind in ("not applicable", "not run") and outcome.reason:
+                if kind in ("not applicable", "not run", "expected fail") and outcome.reason:
                     result.reasons.add(outcome.reason)
                 if kind in ("failed", "unexpected pass"):
                     result.failures.append({"test": outcome.nodeid, "message": outcome.message,

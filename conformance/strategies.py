@@ -47,7 +47,8 @@ def lora_configs(draw, zoo_model: ZooModel, capabilities: frozenset[str], kinds:
     config = {"target_modules": targets, "r": draw(st.integers(1, 8), label="r"),
               "lora_alpha": draw(st.sampled_from([1, 2, 4, 8, 16, 0.5, 3.0]), label="lora_alpha"),
               "lora_dropout": draw(st.sampled_from([0.0, 0.0, 0.1, 0.5]), label="lora_dropout"),
-              "init_lora_weights": draw(st.sampled_from([True, False, "gaussian"]), label="init")}
+              "init_lora_weights": draw(st.sampled_from([True, False, "gaussian"] if "init_variants" in caps
+                                                        else [True]), label="init")}
     if "rslora" in caps:
         config["use_rslora"] = draw(st.booleans(), label="use_rslora")
     if "regex_targets" in caps and draw(st.booleans(), label="as regex"):

@@ -39,7 +39,8 @@ def test_factor_shapes(impl, device, data):
 @given(data=st.data())
 def test_fresh_adapter_is_a_no_op(impl, device, data):
     case = data.draw(cases(impl.capabilities, extras=False), label="case")
-    case = harness.with_config(case, init_lora_weights=data.draw(st.sampled_from([True, "gaussian"]), label="init"))
+    inits = [True, "gaussian"] if "init_variants" in impl.capabilities else [True]
+    case = harness.with_config(case, init_lora_weights=data.draw(st.sampled_from(inits), label="init"))
     mine = harness.wrap(impl, case, device, torch.float32)
     checks.equal(mine.output(), mine.output(mine.base()), "LORA-INIT-002", "output of a fresh adapter vs the base")
 
@@ -59,6 +60,7 @@ def test_initial_values_match_peft_for_the_same_seed(impl, oracle, device, data)
 
 
 @pytest.mark.req("LORA-INIT-005")
+@pytest.mark.needs("init_variants")
 @given(data=st.data())
 def test_init_false_keeps_constructor_values(impl, device, data):
     case = harness.with_config(data.draw(cases(impl.capabilities, extras=False), label="case"),
@@ -88,8 +90,8 @@ def test_adapters_on_base_device_in_float32(impl, device, data, dtype):
 def test_injection_is_in_place(impl, device, data):
     case = data.draw(cases(impl.capabilities), label="case")
     mine = harness.wrap(impl, case, device, torch.float32)
-    wrapped = {id(p) for p in mine.model.parameters()}
-    copied = [name for name, p in mine.original.named_parameters() if id(p) not in wrapped]
+    wrapped = {id(p) for p in mine.model.parameters()}  # the originals are alive in original_params: ids unique
+    copied = [name for name, p in mine.original_params.items() if id(p) not in wrapped]
     checks.check(not copied, "LORA-INIT-007", f"base parameters replaced by copies: {copied[:5]}")
 
 

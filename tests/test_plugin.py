@@ -1,0 +1,96 @@
+"""The pytest plugin: options, errors, expectations, reports, xdist."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_suite
+
+FWD = ("--pyargs", "conformance.suite.test_fwd")
+
+
+@pytest.mark.req("LORA-DEV-002")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_missing_device_is_an_error():
+    result = run_suite(*FWD, "--peft-impl=reference", "--peft-device=cuda")
+    assert result.returncode == 4  # pytest's usage error, not a run of skips
+    assert "--peft-device cuda: torch" in result.stderr and "sees no CUDA device" in result.stderr
+
+
+def test_unknown_implementation_lists_the_registered_ones():
+    result = run_suite(*FWD, "--peft-impl=nonesuch")
+    assert result.returncode == 4 and "unknown implementation 'nonesuch'" in result.stderr
+    assert "reference" in result.stderr and "loralib" in result.stderr
+
+
+def test_without_an_implementation_the_suite_says_how_to_choose():
+    result = run_suite(*FWD)
+    assert result.returncode == 4 and "--peft-impl" in result.stderr
+
+
+def test_report_files(tmp_path):
+    report = tmp_path / "report.json"
+    result = run_suite(*FWD, "--peft-impl=reference", f"--peft-report={report}", "-k", "formula")
+    assert result.returncode == 0, result.stdout[-2000:]
+    data = json.loads(report.read_text())
+    assert data["schema"] == "peft-conformance/report/v1"
+    assert data["implementation"]["name"] == "reference" and data["environment"]["devices"] == ["cpu"]
+    assert data["requirements"]["LORA-FWD-001"]["status"] == "pass"
+    assert "| [LORA-FWD-001](SPEC.md#lora-fwd-001) | MUST | pass |" in (tmp_path / "report.md").read_text()
+    assert "CUDA cases will NOT run" in result.stdout  # said plainly, not skipped silently
+
+
+def test_expectations_are_strict(tmp_path):
+    stale = tmp_path / "stale.toml"
+    stale.write_text('[[expect]]\nreq = "LORA-FWD-001"\nstatus = "fail"\nreason = "believed broken"\n'
+                     '[[expect]]\nreq = "LORA-MERGE-001"\nstatus = "fail"\nreason = "not run here"\n')
+    result = run_suite(*FWD, "--peft-impl=reference", f"--peft-expectations={stale}", "-k", "linear_layer")
+    assert result.returncode == 1
+    assert "expected to fail" in result.stdout and "but passed" in result.stdout
+    assert "LORA-MERGE-001 (fail) in" in result.stdout and "matched no test" in result.stdout
+
+
+def test_expected_failure_keeps_the_run_green(tmp_path):
+    expected = tmp_path / "expected.toml"
+    expected.write_text('[[expect]]\nreq = "LORA-FWD-001"\nstatus = "fail"\nreason = "scaling doubled"\n')
+    result = run_suite(*FWD, "--peft-impl=tests.mutants:WrongScaling", f"--peft-expectations={expected}",
+                       "-k", "linear_layer")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "expected fail" in result.stdout and "scaling doubled" in result.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[[expect]]\nreq = "LORA-NOPE-001"\nstatus = "fail"\nreason = "x"\n', "not a requirement ID"),
+    ('[[expect]]\nreq = "LORA-FWD-001"\nstatus = "fail"\n', "needs a reason"),
+    ('[[expect]]\nreq = "LORA-FWD-001"\nstatus = "maybe"\nreason = "x"\n', "status 'maybe'"),
+    ("[[expect]\n", "not valid TOML")])
+def test_bad_expectations_file_is_a_usage_error(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    result = run_suite(*FWD, "--peft-impl=reference", f"--peft-expectations={path}")
+    assert result.returncode == 4 and message in result.stderr, result.stderr[-1000:]
+
+
+def test_widened_tolerance_is_reported_as_such(tmp_path):
+    widened = tmp_path / "widened.toml"
+    widened.write_text('[[expect]]\nreq = "LORA-FWD-001"\nstatus = "tolerance"\nrtol = 1.0\natol = 10.0\n'
+                       'reason = "a lossy kernel"\n')
+    report = tmp_path / "report.json"
+    result = run_suite(*FWD, "--peft-impl=tests.mutants:WrongScaling", f"--peft-expectations={widened}",
+                       f"--peft-report={report}", "-k", "linear_layer")
+    assert result.returncode == 0, result.stdout[-2000:]
+    entry = json.loads(report.read_text())["requirements"]["LORA-FWD-001"]
+    assert entry["status"] == "pass" and entry["widened"] is True
+    assert "pass (widened)" in result.stdout
+
+
+def test_xdist_gives_the_same_report(tmp_path):
+    serial, parallel = tmp_path / "serial.json", tmp_path / "parallel.json"
+    args = ("--pyargs", "conformance.suite.test_keys", "conformance.suite.test_unload",
+            "--peft-impl=tests.mutants:UnloadLeavesWrapper")
+    run_suite(*args, f"--peft-report={serial}")
+    run_suite(*args, f"--peft-report={parallel}", "-n", "2")
+    statuses = [{r: v["status"] for r, v in json.loads(p.read_text())["requirements"].items()}
+                for p in (serial, parallel)]
+    assert statuses[0] == statuses[1] and statuses[0]["LORA-UNLOAD-001"] == "fail"

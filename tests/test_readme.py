@@ -1,0 +1,25 @@
+"""The README's example runs as written and prints the figures it states."""
+
+import contextlib
+import io
+import os
+import re
+
+from tests.conftest import ROOT
+
+
+def test_readme_example(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## LoRA on GPT-2.*?```python\n(.*?)```", readme, re.S).group(1)
+    printed = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert printed.getvalue().strip() == \
+        "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
+    assert (tmp_path / "gpt2-lora" / "adapter_model.safetensors").stat().st_size == 1_182_680
+    assert "| `[\"c_attn\"]` | 294,912 | 124,734,720 | 0.2364 | 1,182,680 bytes |" in readme

@@ -1,0 +1,74 @@
+"""The spec itself: a consistent registry, a current SPEC.md, and a test for every MUST requirement."""
+
+import importlib
+import pkgutil
+import re
+
+import pytest
+
+import conformance.suite
+from conformance import api, spec
+from tests.conftest import ROOT
+
+REQ_IN_MARKER = re.compile(r"mark\.req\(([^)]*)\)")
+REQ_ID = re.compile(r"LORA-[A-Z]+-\d{3}")
+
+
+def _suite_tests():
+    for info in pkgutil.iter_modules(conformance.suite.__path__):
+        module = importlib.import_module(f"conformance.suite.{info.name}")
+        for name, function in vars(module).items():
+            if name.startswith("test_") and callable(function):
+                yield f"{info.name}::{name}", function
+
+
+def _ids_tested(paths) -> set[str]:
+    found = set()
+    for path in paths:
+        for marker in REQ_IN_MARKER.findall(path.read_text()):
+            found.update(REQ_ID.findall(marker))
+    return found
+
+
+def test_registry_is_consistent():
+    tolerances, requirements = spec.tolerances(), spec.requirements()
+    for req in requirements.values():
+        assert REQ_ID.fullmatch(req.id), req.id
+        assert req.level in spec.LEVELS and req.comparison in spec.COMPARISONS and req.scope in spec.SCOPES, req.id
+        assert req.comparison != "close" or req.tolerance in tolerances, f"{req.id}: close needs a tolerance class"
+        assert not req.tolerance or req.tolerance in tolerances, f"{req.id}: unknown class {req.tolerance}"
+        assert set(req.depends_on) <= set(requirements), f"{req.id}: depends on unknown IDs"
+        assert set(req.capabilities) <= set(api.CAPABILITIES), f"{req.id}: unknown capabilities"
+        assert req.source.strip() and req.title.strip(), req.id
+
+
+def test_every_suite_test_names_its_requirements():
+    missing = [name for name, function in _suite_tests()
+               if not any(mark.name == "req" for mark in getattr(function, "pytestmark", []))]
+    assert not missing, f"conformance tests without @pytest.mark.req: {missing}"
+
+
+def test_every_must_requirement_has_a_test():
+    suite_ids = _ids_tested((ROOT / "conformance" / "suite").glob("test_*.py"))
+    project_ids = _ids_tested((ROOT / "tests").glob("test_*.py"))
+    untested = [req.id for req in spec.requirements().values() if req.level == "MUST" and not req.deprecated
+                and req.id not in (suite_ids if req.scope == "driver" else project_ids)]
+    assert not untested, f"MUST requirements without a test in their scope: {untested}"
+    unknown = (suite_ids | project_ids) - set(spec.requirements())
+    assert not unknown, f"tests cite unknown requirement IDs: {sorted(unknown)}"
+
+
+def test_reference_impl_cites_known_requirements():
+    cited = {i for path in (ROOT / "reference_impl").glob("*.py") for i in REQ_ID.findall(path.read_text())}
+    assert cited, "reference_impl docstrings should name the requirements they implement"
+    assert cited <= set(spec.requirements()), f"unknown IDs cited: {sorted(cited - set(spec.requirements()))}"
+
+
+def test_spec_md_is_generated_from_the_registry():
+    assert (ROOT / "SPEC.md").read_text() == spec.render_markdown(), \
+        "SPEC.md is stale: regenerate it with `peft-conformance spec > SPEC.md`"
+
+
+@pytest.mark.parametrize("name", sorted(api.BUILTIN_DRIVERS))
+def test_shipped_drivers_follow_the_protocol(name):
+    assert not api.protocol_problems(api.load_driver(name))
