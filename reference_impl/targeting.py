@@ -88,7 +88,8 @@ def unmatched_pattern_keys(patterns: dict, targeted: list[str]) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> None:
-    """Turn "all-linear" and None into explicit names, in the config (as peft saves them). LORA-MATCH-004, -008."""
+    """Turn "all-linear" and None into explicit names, in the config (as peft saves them), then shorten a long
+    name list. Spec: LORA-MATCH-004, LORA-MATCH-008, LORA-MATCH-011."""
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         config.target_modules = all_linear_names(model)
     elif config.target_modules is None:
@@ -97,6 +98,31 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> None:
             raise ValueError("Please specify `target_modules` in the LoRA config: "
                              f"there is no default for model type {model_type!r}")
         config.target_modules = set(DEFAULT_TARGETS[model_type])
+    if isinstance(config.target_modules, set) and len(config.target_modules) >= 20:
+        shorter = shortest_separating_suffixes(config.target_modules, [n for n, _ in model.named_modules()])
+        if len(shorter) < len(config.target_modules):
+            config.target_modules = shorter
+
+
+def _dotted_suffixes(name: str) -> list[str]:
+    """"a.b.c" -> ["c", "b.c", "a.b.c"]."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def shortest_separating_suffixes(targets: set[str], module_names: list[str]) -> set[str]:
+    """peft rewrites a list of 20 or more names into short dotted suffixes that match the same modules and no
+    other (peft 0.21.2 tuners_utils.py:923-934, 2246-2325): each name, in order of its suffixes, gets its
+    shortest suffix that no other module ends with, unless a suffix chosen earlier already covers it."""
+    others = {s for name in module_names if not matches_names(name, targets) for s in _dotted_suffixes(name)}
+    chosen: set[str] = set()
+    for name in sorted(targets, key=_dotted_suffixes):
+        if any(name.endswith("." + suffix) for suffix in chosen):
+            continue
+        free = next((s for s in _dotted_suffixes(name) if s not in chosen and s not in others), None)
+        if free is not None:
+            chosen.add(free)
+    return chosen or set(targets)
 
 
 def all_linear_names(model: nn.Module) -> set[str]:

@@ -101,3 +101,17 @@ def test_conv1d_targets_save_fan_in_fan_out(impl, device, data, fan_in_fan_out, 
     config, _ = saved(impl, mine, tmp_path_factory.mktemp("fan_in_fan_out"))
     checks.check(config.get("fan_in_fan_out") is True, "LORA-CFG-004",
                  f"Conv1D targets with fan_in_fan_out={fan_in_fan_out} saved {config.get('fan_in_fan_out')!r}")
+
+
+@pytest.mark.req("LORA-MATCH-011")
+@pytest.mark.needs("regex_targets", "conv1d")
+def test_long_target_lists_are_saved_as_suffixes(impl, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = impl.wrap(GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=16, n_head=2, vocab_size=50)),
+                      {"target_modules": "all-linear", "r": 2})
+    impl.save(model, str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    checks.check(sorted(saved) == ["c_attn", "c_fc", "c_proj"], "LORA-MATCH-011",
+                 f"'all-linear' on a 12-layer GPT-2 saved target_modules={sorted(saved)[:6]}...")
