@@ -325,6 +325,15 @@ def pytest_report_header(config):
     return lines
 
 
+def _version(distribution: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     state = config.stash[state_key]
     if not state.active:
@@ -339,7 +348,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         oracle = state.oracle()
         data = report.to_json(results, {"name": driver.name, "version": driver.version, "entry": state.impl_spec,
                                         "capabilities": sorted(driver.capabilities)},
-                              {"torch": torch.__version__, "devices": state.devices, "dtypes": state.dtypes,
+                              {"torch": torch.__version__, "transformers": _version("transformers"),
+                               "devices": state.devices, "dtypes": state.dtypes,
                                "hypothesis_profile": state.profile, "oracle": oracle.version if oracle else None,
                                "cuda_available": torch.cuda.is_available()})
         report.write(data, state.report_path)

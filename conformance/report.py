@@ -166,3 +166,35 @@ def outcome_from_dict(data: dict) -> TestOutcome:
 
 def outcome_to_dict(outcome: TestOutcome) -> dict:
     return asdict(outcome)
+
+
+SHORT = {"pass": "pass", "fail": "**FAIL**", "blocked": "blocked", "expected fail": "xfail", "not applicable": "n/a",
+         "not run": "-"}
+
+
+def _column(report: dict) -> str:
+    impl, env = report["implementation"], report["environment"]
+    extra = f"<br>transformers {env['transformers']}" if env.get("transformers") else ""
+    return f"{impl['name']} {impl['version']}{extra}"
+
+
+def compare_markdown(paths) -> str:
+    """Several reports side by side: one column per report, one row per requirement, and the totals."""
+    reports = [json.loads(open(p).read()) for p in paths]
+    reqs = [r for r in spec.requirements() if any(r in rep["requirements"] for rep in reports)]
+    lines = ["| requirement | level | " + " | ".join(_column(r) for r in reports) + " |",
+             "|---|---|" + "---|" * len(reports)]
+    for req in reqs:
+        cells = [SHORT[rep["requirements"][req]["status"]] if req in rep["requirements"] else "" for rep in reports]
+        lines.append(f"| [{req}](../SPEC.md#{req.lower()}) | {spec.requirements()[req].level} | "
+                     + " | ".join(cells) + " |")
+    totals = [", ".join(f"{n} {SHORT[s]}" for s, n in rep["summary"].items() if n) for rep in reports]
+    lines.append("| **totals** | | " + " | ".join(totals) + " |")
+    failures = []
+    for rep in reports:
+        for req, entry in rep["requirements"].items():
+            if entry["status"] == "fail" and entry["failures"]:
+                first = entry["failures"][0]["message"].splitlines()[0]
+                failures.append(f"- {_column(rep).replace('<br>', ', ')}, {req}: {first}")
+    return "\n".join(lines) + ("\n\nFirst failure of each failing requirement:\n\n" + "\n".join(failures)
+                               if failures else "") + "\n"

@@ -24,9 +24,9 @@ def token_ids():
     return torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
-def run_suite(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_suite(*args: str, timeout: int = 600, env: dict = None) -> subprocess.CompletedProcess:
     """Run the conformance suite in a fresh interpreter, this checkout first on the path."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}  # the tests themselves run in parallel
     env.pop("PEFT_CONFORMANCE_IMPL", None)
     command = [sys.executable, "-m", "pytest", "-p", "conformance.plugin", "-p", "no:cacheprovider",

@@ -121,3 +121,17 @@ MUTANTS = {
     "CopiesBaseWeights": ("test_init::test_injection_is_in_place", "LORA-INIT-007"),
     "DisableDoesNothing": ("test_fwd::test_disable_adapter_gives_base_output", "LORA-FWD-007"),
 }
+
+
+class OneLogitOff(_Mutant):
+    """A loaded model whose output is off by 1e-3 in a single logit."""
+
+    def load(self, base_model, directory, adapter_name="default", is_trainable=False):
+        model = super().load(base_model, directory, adapter_name, is_trainable)
+
+        def nudge(module, args, kwargs, output):
+            output.logits[0, 0, 0] += 1e-3
+            return output
+
+        model.register_forward_hook(nudge, with_kwargs=True)
+        return model

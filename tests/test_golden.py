@@ -1,0 +1,64 @@
+"""The golden fixtures: intact, complete, small, and a gate that catches tampering and drift."""
+
+import json
+import shutil
+
+import pytest
+
+from conformance import golden
+from tests.conftest import ROOT, run_suite
+
+
+def test_fixtures_match_their_lock_and_stay_small():
+    assert golden.verify() == []
+    assert sum(p.stat().st_size for p in golden.fixture_files(golden.root())) < 5_000_000
+
+
+def test_every_case_has_its_files_and_manifest():
+    cases = golden.cases()
+    assert len({c.name for c in cases}) >= 12
+    for case in cases:
+        manifest = case.manifest
+        assert {"peft", "torch", "transformers"} <= set(manifest["producer"])
+        assert set(manifest["keys"][case.adapter_name]) == set(case.tensors())
+        assert set(case.expected()) >= {"unmerged", "merged", "disabled"}
+        assert case.inputs()["attention_mask"].min() == 0  # padded inputs
+        for name, digest in manifest["files"].items():
+            assert golden.sha256(case.path / name) == digest, f"{case.id}: {name}"
+
+
+def test_tampered_tensor_fails_the_run_naming_case_and_requirement(tmp_path):
+    copy = tmp_path / "fixtures"
+    shutil.copytree(golden.root(), copy)
+    target = copy / "v1/cases/r4-c_attn/adapter/adapter_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's data
+    target.write_bytes(bytes(data))
+    report = tmp_path / "report.json"
+    result = run_suite("--pyargs", "conformance.suite.test_gold", "--peft-impl=reference", f"--peft-report={report}",
+                       env={golden.ENV_ROOT: str(copy)})
+    assert result.returncode == 1
+    failures = json.loads(report.read_text())["requirements"]["LORA-GOLD-001"]["failures"]
+    assert any("v1/r4-c_attn" in f["message"] for f in failures), failures
+
+
+def test_a_driver_one_logit_off_by_1e_3_fails(tmp_path):
+    report = tmp_path / "report.json"
+    result = run_suite("--pyargs", "conformance.suite.test_gold::test_outputs_are_peft_s",
+                       "--peft-impl=tests.mutants:OneLogitOff", f"--peft-report={report}")
+    assert result.returncode == 1
+    entry = json.loads(report.read_text())["requirements"]["LORA-GOLD-003"]
+    assert entry["status"] == "fail" and "v1/r4-c_attn: logits" in result.stdout
+    assert entry["worst"]["max_abs"] == pytest.approx(1e-3, rel=0.01)
+
+
+def test_generate_refuses_to_overwrite_and_records_a_new_version(tmp_path):
+    pytest.importorskip("peft")
+    copy = tmp_path / "fixtures"
+    shutil.copytree(golden.root(), copy)
+    with pytest.raises(FileExistsError, match="never rewritten"):
+        golden.generate(copy, "v1")
+    version, changed = golden.generate(copy)
+    assert version == "v2" and changed == ["no change"]  # same peft, torch and transformers: same bytes
+    assert golden.verify(copy) == []
+    assert (copy / "v1").exists() and golden.read_lock(copy).keys() >= golden.read_lock(ROOT / "fixtures").keys()
