@@ -77,3 +77,52 @@ def compare(reports: list[str] = typer.Argument(..., help="JSON reports, or fold
         typer.echo(f"wrote {output} from {len(paths)} reports")
     else:
         sys.stdout.write(table)
+
+
+@app.command("check-adapter")
+def check_adapter(directory: str = typer.Argument(..., help="the adapter directory"),
+                  base: str = typer.Option("gpt2-tiny", help="a zoo model name or module:factory"),
+                  as_json: bool = typer.Option(False, "--json", help="print the findings as JSON"),
+                  allow_pickle: bool = typer.Option(False, help="read adapter_model.bin (runs code from the file)")
+                  ) -> None:
+    """Validate an adapter directory written by any tool; exit 1 on any error."""
+    import json as json_module
+
+    from .check_adapter import check
+
+    try:
+        report = check(directory, base, allow_pickle)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json_module.dumps(report.to_json(), indent=2))
+    else:
+        for finding in report:
+            typer.echo(f"{finding.level.upper():7} {finding.code}: {finding.message}")
+        errors = sum(f.level == "error" for f in report)
+        typer.echo(f"{directory}: {'OK' if report.ok else f'{errors} error(s)'}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def run(impl: str = typer.Option(..., help="a registered driver name or module:attr"),
+        device: str = typer.Option(None, help="comma-separated: cpu, cuda (default: cpu, plus cuda if seen)"),
+        dtype: str = typer.Option(None, help="comma-separated base dtypes (default float32)"),
+        profile: str = typer.Option(None, help="hypothesis profile: dev, ci, thorough, quick"),
+        expectations: str = typer.Option(None, help="your expectations file (known failures)"),
+        report: str = typer.Option("peft-conformance-report.json", help="JSON report (and .md beside it)"),
+        workers: int = typer.Option(0, help="pytest-xdist workers (0: run in this process)"),
+        select: str = typer.Option(None, "-k", help="pytest -k expression")) -> None:
+    """Run the conformance suite against an implementation and write the reports."""
+    import pytest
+
+    args = ["--pyargs", "conformance.suite", "-p", "no:cacheprovider", f"--peft-impl={impl}",
+            f"--peft-report={report}"]
+    for flag, value in (("--peft-device", device), ("--peft-dtype", dtype), ("--peft-profile", profile),
+                        ("--peft-expectations", expectations), ("-k", select)):
+        if value:
+            args.append(f"{flag}={value}")
+    if workers:
+        args += ["-n", str(workers)]
+    raise typer.Exit(int(pytest.main(args)))

@@ -30,11 +30,15 @@ class ZooModel:
     description: str = ""
 
     def output(self, result) -> torch.Tensor:
-        """The tensor a forward pass produces: logits, last hidden state, or the tensor itself."""
-        for name in ("logits", "last_hidden_state"):
-            if hasattr(result, name):
-                return getattr(result, name)
-        return result
+        return output_tensor(result)
+
+
+def output_tensor(result) -> torch.Tensor:
+    """The tensor a forward pass produces: logits, last hidden state, or the tensor itself."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(result, name):
+            return getattr(result, name)
+    return result
 
 
 def tiny_gpt2_config(**overrides):

@@ -5,6 +5,8 @@ It stays inert in test runs that collect no conformance test.
 """
 
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -170,9 +172,6 @@ def pytest_collection_modifyitems(session, config, items):
             raise pytest.UsageError(f"{item.nodeid}: unknown requirement IDs {unknown}")
         for category in ("UserWarning", "FutureWarning", "DeprecationWarning"):  # the implementations' own chatter
             item.add_marker(pytest.mark.filterwarnings(f"ignore::{category}"))
-        if config.pluginmanager.hasplugin("timeout"):
-            method = "signal" if hasattr(__import__("signal"), "SIGALRM") else "thread"
-            item.add_marker(pytest.mark.timeout(state.timeout, method=method))
 
 
 def pytest_generate_tests(metafunc):
@@ -249,6 +248,33 @@ def _repro(item, state: State) -> str:
     return (f"pytest '{item.path}::{name}' -p no:cacheprovider --peft-impl={state.impl_spec} "
             f"--peft-profile={state.profile}" + (" --peft-device=" + ",".join(state.devices)
                                                     if state.devices != ["cpu"] else ""))
+
+
+class TestTimeout(BaseException):
+    """Raised into a test that ran past --peft-timeout. A BaseException, so that hypothesis does not catch it and
+    call the hanging implementation again while shrinking; pytest records it as the test's failure."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Stop a test whose implementation hangs, fail it with a message, and go on (POSIX main thread only)."""
+    seconds = item.config.stash[state_key].timeout
+    usable = _is_suite_item(item) and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TestTimeout(f"stopped after {seconds:g} s (--peft-timeout): the implementation under test did not "
+                          "return; it hangs or is far too slow")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -3,6 +3,7 @@
 Every draw stays inside what the driver declares (its capabilities), and always targets at least one module.
 """
 
+import functools
 import re
 from typing import NamedTuple, Optional
 
@@ -72,21 +73,27 @@ def lora_configs(draw, zoo_model: ZooModel, capabilities: frozenset[str], kinds:
         key = re.escape(draw(st.sampled_from(targets), label="pattern key"))
         config["rank_pattern"] = {key: draw(st.integers(1, 8), label="pattern r")}
         config["alpha_pattern"] = {key: draw(st.sampled_from([1, 4, 32]), label="pattern alpha")}
-    if "layers" in caps and set(targets) & set(zoo_model.in_blocks) and isinstance(config["target_modules"], list) \
-            and draw(st.booleans(), label="layers?"):
+    # Only models whose blocks sit below the top level: peft <= 0.20 finds no layer index in "h.0.attn" or
+    # "blocks.0.fc" even with layers_pattern, and test_layers_to_transform covers those on its own (LORA-MATCH-005).
+    nested = all(not name.startswith(zoo_model.layers_pattern + ".") for name in _module_names(zoo_model))
+    if "layers" in caps and nested and set(targets) & set(zoo_model.in_blocks) and \
+            isinstance(config["target_modules"], list) and draw(st.booleans(), label="layers?"):
         config["layers_to_transform"] = draw(st.lists(st.sampled_from(zoo_model.layers), min_size=1,
                                                       unique=True), label="layers_to_transform")
-        # Without a pattern the index is the first ".<n>." after a dotted prefix: not found at the top level.
-        nested = all(not name.startswith(zoo_model.layers_pattern + ".") for name in _module_names(zoo_model))
-        if not nested or draw(st.booleans(), label="layers_pattern?"):
+        if draw(st.booleans(), label="layers_pattern?"):
             config["layers_pattern"] = zoo_model.layers_pattern
     return config
 
 
 def _module_names(zoo_model: ZooModel) -> list[str]:
+    return _names(zoo_model.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _names(model: str) -> list[str]:
     from .models import build
 
-    return [name for name, _ in build(zoo_model.name).named_modules()]
+    return [name for name, _ in build(model).named_modules()]
 
 
 @st.composite

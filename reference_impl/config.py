@@ -76,6 +76,7 @@ class LoraConfig:
     peft_version: str = f"{PEFT_SPEC_VERSION}@reference_impl"
 
     def __post_init__(self):
+        _check_types(self)
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):
@@ -98,8 +99,9 @@ class LoraConfig:
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        """Build a config from adapter_config.json content. Spec: LORA-LOAD-006, LORA-CFG-008."""
+    def from_dict(cls, data: dict[str, Any], ignore_unknown_keys: bool = False) -> "LoraConfig":
+        """Build a config from adapter_config.json content. A key no peft release we know writes is an error
+        (peft warns and ignores it) unless ignore_unknown_keys. Spec: LORA-LOAD-006, LORA-CFG-008, LORA-ERR-002."""
         if data.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"adapter_config.json: peft_type is {data['peft_type']!r}; only 'LORA' is supported")
         known = {f.name for f in fields(cls)}
@@ -110,35 +112,66 @@ class LoraConfig:
                     f"this implementation supports only {key}={PEFT_ONLY_FIELDS[key]!r}"
                 )
         unknown = sorted(set(data) - known - set(PEFT_ONLY_FIELDS))
+        if unknown and not ignore_unknown_keys:
+            raise ValueError(f"adapter_config.json: unknown keys {unknown} (not a LoraConfig field of peft "
+                             f"{PEFT_SPEC_VERSION}); peft would ignore them: pass ignore_unknown_keys=True to do so")
         if unknown:
-            # peft does the same: a key from a newer release is ignored with a warning (cfg.py, from_peft_type).
             warnings.warn(f"adapter_config.json: ignoring unknown keys {unknown}", UserWarning, stacklevel=2)
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
+def _is_names(value) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+
+
+def _expect(field_name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"LoraConfig.{field_name} must be {allowed}, got {value!r}")
+
+
+def _check_types(config: LoraConfig) -> None:
+    """Every field's type, before anything is converted. Spec: LORA-ERR-001."""
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(config, name)
+        _expect(name, value, value is None or isinstance(value, str) or _is_names(value),
+                "None, a regex string or a list of module names")
+    _expect("modules_to_save", config.modules_to_save, config.modules_to_save is None or
+            _is_names(config.modules_to_save), "None or a list of module names")
+    layers = config.layers_to_transform
+    _expect("layers_to_transform", layers, layers is None or (isinstance(layers, int) and not isinstance(
+        layers, bool)) or (isinstance(layers, list) and all(type(i) is int for i in layers)),
+        "None, a layer index or a list of layer indices")
+    pattern = config.layers_pattern
+    _expect("layers_pattern", pattern, pattern is None or isinstance(pattern, str) or _is_names(pattern),
+            "None, a string or a list of strings")
+    for name in ("rank_pattern", "alpha_pattern"):
+        _expect(name, getattr(config, name), isinstance(getattr(config, name), dict), "a dict {regex: value}")
+    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+        _expect(name, getattr(config, name), isinstance(getattr(config, name), bool), "true or false")
+
+
 def _check_values(config: LoraConfig) -> None:
-    """Reject values peft would reject later (or never): fail at construction, naming the field."""
+    """Reject values peft would reject later (or never): fail at construction, naming the field.
+    Spec: LORA-CFG-002, LORA-ERR-001."""
     r = config.r
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoraConfig.r must be a positive integer, got {r!r}")
+    _expect("r", r, type(r) is int and r > 0, "a positive integer")
     _check_number("lora_alpha", config.lora_alpha)
+    _expect("lora_alpha", config.lora_alpha, config.lora_alpha > 0, "positive (scaling = lora_alpha / r)")
     dropout = config.lora_dropout
     _check_number("lora_dropout", dropout)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {dropout!r}")
-    if config.bias not in BIAS_MODES:
-        raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {config.bias!r}")
+    _expect("lora_dropout", dropout, 0.0 <= dropout < 1.0, "in [0, 1)")
+    _expect("bias", config.bias, config.bias in BIAS_MODES, f"one of {BIAS_MODES}")
     init = config.init_lora_weights
-    if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
-        raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {init!r}")
-    if config.task_type is not None and config.task_type not in TASK_TYPES:
-        raise ValueError(f"LoraConfig.task_type must be None or one of {TASK_TYPES}, got {config.task_type!r}")
+    _expect("init_lora_weights", init, isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian"),
+            "True, False or 'gaussian'")
+    _expect("task_type", config.task_type, config.task_type is None or config.task_type in TASK_TYPES,
+            f"None or one of {TASK_TYPES}")
     for name in ("rank_pattern", "alpha_pattern"):
         for key, value in getattr(config, name).items():
             _check_regex(f"{name} key", key)
             _check_number(f"{name}[{key!r}]", value)
-            if name == "rank_pattern" and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+            _expect(f"{name}[{key!r}]", value, value > 0 and (name == "alpha_pattern" or type(value) is int),
+                    "a positive integer" if name == "rank_pattern" else "positive")
     if isinstance(config.target_modules, str):
         _check_regex("target_modules", config.target_modules)
     if isinstance(config.exclude_modules, str):

@@ -126,25 +126,37 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                        subfolder: Optional[str] = None, allow_pickle: bool = False) -> "PeftModel":
+                        subfolder: Optional[str] = None, allow_pickle: bool = False,
+                        ignore_unknown_keys: bool = False) -> "PeftModel":
         """Wrap `model` and load the adapter saved in `model_id`. Without is_trainable the result is frozen and in
-        eval mode. Spec: LORA-LOAD-001, LORA-LOAD-004."""
+        eval mode. Both files are read and checked before `model` is touched, and a failed load puts its original
+        modules back. Spec: LORA-LOAD-001, LORA-LOAD-004, LORA-ERR-003..008."""
         directory = save_load.Path(model_id, subfolder or "")
-        config = save_load.read_config(directory)
+        config = save_load.read_config(directory, ignore_unknown_keys)
+        tensors = save_load.read_weights(directory, allow_pickle)
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(directory, adapter_name, allow_pickle)
+        try:
+            peft_model._set_weights(tensors, directory, adapter_name)
+        except ValueError:
+            peft_model.base_model.unload()
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
-    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False) -> save_load.IncompatibleKeys:
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, allow_pickle: bool = False,
+                     ignore_unknown_keys: bool = False) -> save_load.IncompatibleKeys:
         """Add a saved adapter next to the existing ones, inactive. Spec: LORA-MULTI-006."""
-        config = save_load.read_config(model_id)
+        config = save_load.read_config(model_id, ignore_unknown_keys)
+        tensors = save_load.read_weights(model_id, allow_pickle)
         config.inference_mode = not is_trainable
         self.base_model.add_adapter(adapter_name, config)
-        keys = self._load_weights(model_id, adapter_name, allow_pickle)
+        try:
+            keys = self._set_weights(tensors, model_id, adapter_name)
+        except ValueError:
+            self.base_model.delete_adapter(adapter_name)
+            raise
         if is_trainable:
             for p in save_load.adapter_state_dict(self, adapter_name).values():
                 p.requires_grad_(True)
@@ -152,13 +164,23 @@ class PeftModel(nn.Module):
             self.eval()
         return keys
 
-    def _load_weights(self, directory, adapter_name: str, allow_pickle: bool) -> save_load.IncompatibleKeys:
-        tensors = save_load.read_weights(directory, allow_pickle)
+    def _set_weights(self, tensors: dict, directory, adapter_name: str) -> save_load.IncompatibleKeys:
+        """Spec: LORA-LOAD-005 (missing keys warn, as in peft), LORA-ERR-005 (keys for absent modules)."""
+        path = save_load.Path(directory) / save_load.WEIGHTS_NAME
         try:
             keys = save_load.set_peft_model_state_dict(self, tensors, adapter_name)
         except ValueError as error:
-            raise ValueError(f"{save_load.Path(directory) / save_load.WEIGHTS_NAME}: {error}") from None
-        if keys.missing_keys:  # peft warns and keeps the fresh initialisation; unexpected keys pass silently
+            raise ValueError(f"{path}: {error}") from None
+        for key in keys.unexpected_keys:
+            module = save_load.module_path(key)
+            try:
+                self.get_submodule(module)
+            except AttributeError:
+                raise ValueError(f"{path}: tensor {key} is for module {module.removeprefix(save_load.PEFT_PREFIX)!r}, "
+                                 "which the base model does not have (wrong base model?)") from None
+        if keys.unexpected_keys:  # peft ignores them silently
+            warnings.warn(f"{path}: ignoring tensors the adapter has no place for: {keys.unexpected_keys}")
+        if keys.missing_keys:  # peft warns and keeps the fresh initialisation
             warnings.warn(f"Found missing adapter keys while loading the checkpoint: {keys.missing_keys}.")
         return keys
 

@@ -99,7 +99,12 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> 
         config_tmp.unlink(missing_ok=True)
 
 
-def read_config(directory) -> LoraConfig:
+def module_path(key: str) -> str:
+    """The module a saved key belongs to: the part before ".lora_", else before the last component."""
+    return key.split(".lora_")[0] if ".lora_" in key else key.rpartition(".")[0]
+
+
+def read_config(directory, ignore_unknown_keys: bool = False) -> LoraConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} here; an adapter directory holds {CONFIG_NAME} and "
@@ -111,7 +116,7 @@ def read_config(directory) -> LoraConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     try:
-        return LoraConfig.from_dict(data)
+        return LoraConfig.from_dict(data, ignore_unknown_keys)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
 

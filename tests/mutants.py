@@ -135,3 +135,21 @@ class OneLogitOff(_Mutant):
 
         model.register_forward_hook(nudge, with_kwargs=True)
         return model
+
+
+class RaisesOnWrap(_Mutant):
+    def wrap(self, model, config, adapter_name="default"):
+        raise RuntimeError("driver bug: wrap exploded")
+
+
+class WrapReturnsNone(_Mutant):
+    def wrap(self, model, config, adapter_name="default"):
+        super().wrap(model, config, adapter_name)
+        return None
+
+
+class HangsOnWrap(_Mutant):
+    def wrap(self, model, config, adapter_name="default"):
+        import time
+
+        time.sleep(600)

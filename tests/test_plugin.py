@@ -94,3 +94,18 @@ def test_xdist_gives_the_same_report(tmp_path):
     statuses = [{r: v["status"] for r, v in json.loads(p.read_text())["requirements"].items()}
                 for p in (serial, parallel)]
     assert statuses[0] == statuses[1] and statuses[0]["LORA-UNLOAD-001"] == "fail"
+
+
+@pytest.mark.req("LORA-ERR-015")
+@pytest.mark.parametrize("mutant, message", [("RaisesOnWrap", "RuntimeError: driver bug: wrap exploded"),
+                                             ("WrapReturnsNone", "NoneType"),
+                                             ("HangsOnWrap", "stopped after 2 s (--peft-timeout)")])
+def test_a_broken_implementation_fails_its_tests_and_the_run_reports(mutant, message, tmp_path):
+    report = tmp_path / "report.json"
+    result = run_suite("--pyargs", "conformance.suite.test_fwd::test_linear_layer_formula",
+                       "conformance.suite.test_cfg", f"--peft-impl=tests.mutants:{mutant}", "--peft-timeout=2",
+                       f"--peft-report={report}", timeout=300)
+    assert result.returncode == 1 and message in result.stdout, result.stdout[-3000:]
+    data = json.loads(report.read_text())
+    assert data["requirements"]["LORA-FWD-001"]["status"] == "fail"
+    assert "requirements:" in result.stdout  # the run reached its summary
