@@ -126,3 +126,7 @@ def run(impl: str = typer.Option(..., help="a registered driver name or module:a
     if workers:
         args += ["-n", str(workers)]
     raise typer.Exit(int(pytest.main(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -300,10 +300,17 @@ def pytest_runtest_makereport(item, call):
         result.failed_reqs = _failed_reqs(call.excinfo) or result.reqs
         result.message = _first_lines(call.excinfo)
         result.repro = _repro(item, state)
+        result.example = _example(rep)
         rep.sections.append(("reproduce", result.repro))
     if state.expectations:
         state.expectations.apply(result, rep)
     rep.user_properties.append(("peft_conformance", report.outcome_to_dict(result)))
+
+
+def _example(rep) -> str:
+    """The shrunk example hypothesis printed (its "Draw N (label): value" lines), for the JSON report."""
+    lines = [line.strip().removeprefix("E").strip() for line in rep.longreprtext.splitlines()]
+    return "\n".join(line for line in lines if line.startswith(("Draw ", "Falsifying example")))[:4000]
 
 
 def _first_lines(excinfo, most: int = 8) -> str:

@@ -1,0 +1,112 @@
+"""The peft-conformance command: check-adapter, fixtures, spec, compare, run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from conformance import golden, spec
+from conformance.cli import app
+from tests.conftest import ROOT
+
+runner = CliRunner()
+CASE = "v1/cases/r4-c_attn/adapter"
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    target = tmp_path / "adapter"
+    shutil.copytree(golden.root() / CASE, target)
+    return target
+
+
+def _rewrite(adapter, change):
+    path = adapter / "adapter_model.safetensors"
+    save_file(change(load_file(path)), path, metadata={"format": "pt"})
+
+
+def test_check_adapter_accepts_peft_s_own_directory(adapter):
+    result = runner.invoke(app, ["check-adapter", str(adapter)])
+    assert result.exit_code == 0, result.output
+    assert "outputs differ by at most 0" in result.output and "OK" in result.output
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: {k: v.T.contiguous() if "lora_B" in k else v for k, v in t.items()},
+     "shape (4, 96), peft expects (96, 4) for r=4 (the factor is transposed"),
+    (lambda t: {k.replace(".weight", ".default.weight"): v for k, v in t.items()}, "keys keep the adapter name"),
+    (lambda t: {}, "holds no tensors"),
+    (lambda t: {k.removeprefix("base_model.model."): v for k, v in t.items()}, "keys without the 'base_model"),
+])
+def test_check_adapter_names_the_problem(adapter, damage, message):
+    _rewrite(adapter, damage)
+    result = runner.invoke(app, ["check-adapter", str(adapter)])
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_check_adapter_catches_scale_written_for_alpha(adapter):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["scale"] = config.pop("lora_alpha") / config["r"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["check-adapter", str(adapter), "--json"])
+    assert result.exit_code == 1
+    findings = json.loads(result.output)["findings"]
+    assert any(f["code"] == "config.scale" and "lora_alpha = s * r" in f["message"] for f in findings)
+
+
+def test_check_adapter_sees_targets_without_tensors(adapter):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn", "c_fc"]}))
+    result = runner.invoke(app, ["check-adapter", str(adapter)])
+    assert result.exit_code == 1 and "selects 'transformer.h.0.mlp.c_fc' but the file has no tensors" in result.output
+
+
+def test_check_adapter_unknown_base_is_a_usage_error(adapter):
+    result = runner.invoke(app, ["check-adapter", str(adapter), "--base", "nope"])
+    assert result.exit_code == 2 and "not a zoo model" in result.output
+
+
+def test_fixtures_verify_and_spec():
+    result = runner.invoke(app, ["fixtures", "verify"])
+    assert result.exit_code == 0 and "files match FIXTURES.lock" in result.output
+    assert runner.invoke(app, ["spec"]).output == spec.render_markdown()
+
+
+def test_fixtures_verify_names_a_tampered_file(tmp_path):
+    copy = tmp_path / "fixtures"
+    shutil.copytree(golden.root(), copy)
+    (copy / "v1/base/config.json").write_text("{}")
+    result = runner.invoke(app, ["fixtures", "verify", "--folder", str(copy)])
+    assert result.exit_code == 1 and "v1/base/config.json: sha256 differs" in result.output
+
+
+def test_compare_renders_reports_side_by_side(tmp_path):
+    reports = []
+    for name, status in (("impl-a", "pass"), ("impl-b", "fail")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({
+            "implementation": {"name": name, "version": "1"}, "environment": {},
+            "summary": {status: 1}, "requirements": {"LORA-FWD-001": {
+                "status": status, "failures": [{"message": "LORA-FWD-001 failed: off by 2"}] if status == "fail"
+                else []}}}))
+        reports.append(str(path))
+    result = runner.invoke(app, ["compare", *reports])
+    assert "| impl-a 1 | impl-b 1 |" in result.output
+    assert "| [LORA-FWD-001](../SPEC.md#lora-fwd-001) | MUST | pass | **FAIL** |" in result.output
+    assert "impl-b 1, LORA-FWD-001: LORA-FWD-001 failed: off by 2" in result.output
+
+
+def test_run_writes_the_reports(tmp_path):
+    import subprocess
+    import sys
+
+    report = tmp_path / "r.json"
+    result = subprocess.run([sys.executable, "-m", "conformance.cli", "run", "--impl", "reference", "--profile",
+                             "quick", "--report", str(report), "-k", "formula"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert json.loads(report.read_text())["requirements"]["LORA-FWD-001"]["status"] == "pass"
+    assert (tmp_path / "r.md").exists()
