@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "peft_conformance.implementations"
 
 # What a driver may declare. A test that needs an undeclared capability reports "not applicable".
 CAPABILITIES = {
+    "autograd": "gradients reach the adapter tensors through torch autograd (adapter_state_dict returns them live)",
     "linear": "torch.nn.Linear layers",
     "conv1d": "transformers' GPT-2 Conv1D layers (weights stored in, out)",
     "embedding": "torch.nn.Embedding layers",
@@ -100,6 +101,8 @@ BUILTIN_DRIVERS = {
     "reference": "conformance.drivers.reference:ReferenceDriver",
     "peft": "conformance.drivers.peft:PeftDriver",
     "loralib": "conformance.drivers.loralib:LoralibDriver",
+    "torchtune": "conformance.drivers.torchtune:TorchtuneDriver",
+    "mlx": "conformance.drivers.mlx:MlxDriver",
 }
 
 

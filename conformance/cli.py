@@ -128,5 +128,21 @@ def run(impl: str = typer.Option(..., help="a registered driver name or module:a
     raise typer.Exit(int(pytest.main(args)))
 
 
+@app.command("golden-check")
+def golden_check(results: str = typer.Argument(..., help="folder of <version>/<case>/logits.safetensors"),
+                 folder: str = typer.Option(None, help="fixtures folder (default: the installed one)")) -> None:
+    """Check golden results computed in another process (a library that cannot share this venv)."""
+    from pathlib import Path
+
+    from . import golden
+
+    problems = golden.check_results(Path(results), Path(folder) if folder else None)
+    for case, req, problem in problems:
+        typer.echo(f"FAIL {req} {case}: {problem}")
+    total = len(golden.cases(Path(folder) if folder else None))
+    typer.echo(f"{total - len({p[0] for p in problems})} of {total} golden cases match")
+    raise typer.Exit(1 if problems else 0)
+
+
 if __name__ == "__main__":
     main()

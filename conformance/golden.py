@@ -322,3 +322,35 @@ def changes(folder: Path, old: str, new: str) -> list[str]:
             if diff:
                 out.append(f"{name}: expected {key} logits moved by {diff:.3g}")
     return out or ["no change"]
+
+
+def check_results(results: Path, folder: Optional[Path] = None) -> list[tuple[str, str, str]]:
+    """Compare what another process computed for the fixtures with what peft computed.
+
+    `results/<version>/<case>/logits.safetensors` holds {"unmerged": logits} (and "merged", "disabled" if
+    computed); `results/<version>/<case>/adapter/` optionally holds the adapter saved again. Returns
+    (case, requirement, problem) for every difference; cases without results are reported as missing."""
+    from . import checks
+
+    problems = []
+    for case in cases(folder):
+        done = Path(results) / case.version / case.name
+        if not (done / "logits.safetensors").is_file():
+            problems.append((case.id, "LORA-GOLD-003", "no logits.safetensors"))
+            continue
+        produced, expected = load_file(done / "logits.safetensors"), case.expected()
+        comparisons = [(k, "LORA-GOLD-003" if k == "unmerged" else "LORA-GOLD-004" if k == "merged"
+                        else "LORA-GOLD-005") for k in ("unmerged", "merged", "disabled") if k in produced]
+        for key, req in comparisons:
+            try:
+                checks.close(produced[key], expected[key], "golden", req, f"case {case.id}: {key} logits")
+            except checks.ConformanceFailure as failure:
+                problems.append((case.id, req, str(failure).splitlines()[0]))
+        saved = done / "adapter" / ("" if case.adapter_name == "default" else case.adapter_name)
+        if (saved / "adapter_model.safetensors").is_file():
+            try:
+                checks.all_close(load_file(saved / "adapter_model.safetensors"), case.tensors(), "exact",
+                                 "LORA-GOLD-006", f"case {case.id}: re-saved")
+            except checks.ConformanceFailure as failure:
+                problems.append((case.id, "LORA-GOLD-006", str(failure).splitlines()[0]))
+    return problems

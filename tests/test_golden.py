@@ -62,3 +62,35 @@ def test_generate_refuses_to_overwrite_and_records_a_new_version(tmp_path):
     assert version == "v2" and changed == ["no change"]  # same peft, torch and transformers: same bytes
     assert golden.verify(copy) == []
     assert (copy / "v1").exists() and golden.read_lock(copy).keys() >= golden.read_lock(ROOT / "fixtures").keys()
+
+
+def _export_results(results, nudge: float = 0.0):
+    """What a library in its own venv would do: load each case, compute, write logits and the adapter again."""
+    import reference_impl
+    from safetensors.torch import save_file
+
+    for case in golden.cases():
+        if case.adapter_name != "default":
+            continue
+        model = reference_impl.PeftModel.from_pretrained(golden.base_model(case.version), case.adapter_dir())
+        logits = model(**case.inputs()).logits.detach()
+        logits[0, 0, 0] += nudge
+        target = results / case.version / case.name
+        target.mkdir(parents=True)
+        save_file({"unmerged": logits.contiguous()}, target / "logits.safetensors")
+        model.save_pretrained(target / "adapter")
+
+
+def test_golden_results_from_another_process(tmp_path):
+    from typer.testing import CliRunner
+
+    from conformance.cli import app
+
+    _export_results(tmp_path / "good")
+    result = CliRunner().invoke(app, ["golden-check", str(tmp_path / "good")])
+    assert result.exit_code == 1  # the named-adapter case was skipped by the exporter: reported missing
+    assert "FAIL LORA-GOLD-003 v1/r4-c_proj-adapter-named-custom: no logits.safetensors" in result.output
+    assert result.output.count("FAIL") == 1
+    _export_results(tmp_path / "off", nudge=1e-3)
+    result = CliRunner().invoke(app, ["golden-check", str(tmp_path / "off")])
+    assert "FAIL LORA-GOLD-003 v1/r4-c_attn: LORA-GOLD-003 failed: case v1/r4-c_attn: unmerged logits" in result.output

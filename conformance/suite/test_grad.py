@@ -26,6 +26,7 @@ def _gradients(adapted: harness.Adapted) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.req("LORA-GRAD-001")
+@pytest.mark.needs("autograd")
 @pytest.mark.oracle
 @given(data=st.data())
 def test_gradients_match_peft(impl, oracle, device, data):
@@ -38,6 +39,7 @@ def test_gradients_match_peft(impl, oracle, device, data):
 
 
 @pytest.mark.req("LORA-GRAD-002")
+@pytest.mark.needs("autograd")
 @given(data=st.data())
 def test_base_parameters_get_no_gradient(impl, device, data):
     case = data.draw(cases(impl.capabilities), label="case")
@@ -52,7 +54,7 @@ def test_base_parameters_get_no_gradient(impl, device, data):
 
 
 @pytest.mark.req("LORA-GRAD-003")
-@pytest.mark.needs("dora")
+@pytest.mark.needs("dora", "autograd")
 @pytest.mark.oracle
 @given(data=st.data())
 def test_dora_gradients_match_peft(impl, oracle, device, data):

@@ -97,6 +97,7 @@ def test_second_adapter_keys_carry_no_name(impl, device, data):
 
 
 @pytest.mark.req("LORA-KEYS-007")
+@pytest.mark.needs("autograd")
 @given(data=st.data())
 def test_adapter_state_dict_is_live(impl, device, data):
     case = data.draw(cases(impl.capabilities), label="case")

@@ -18,11 +18,19 @@ pytestmark = pytest.mark.needs("save_load")
 # The LoRA fields of adapter_config.json whose values must agree with peft's (LORA-SER-003).
 CORE_FIELDS = ("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "use_dora",
                "init_lora_weights", "target_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
-               "alpha_pattern", "modules_to_save", "lora_bias", "peft_type", "task_type", "inference_mode")
+               "alpha_pattern", "modules_to_save", "lora_bias", "peft_type", "task_type")
+
+
+# What peft takes for a field the file leaves out (peft 0.21.2 tuners/lora/config.py:632-999).
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none",
+                 "use_rslora": False, "use_dora": False, "init_lora_weights": True, "target_modules": None,
+                 "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+                 "modules_to_save": None, "lora_bias": False, "peft_type": "LORA", "task_type": None}
 
 
 def _normalized(config: dict) -> dict:
-    values = {key: config.get(key) for key in CORE_FIELDS}
+    """The values peft loads: a field left out takes peft's default."""
+    values = {key: config.get(key, PEFT_DEFAULTS[key]) for key in CORE_FIELDS}
     if isinstance(values["target_modules"], list):
         values["target_modules"] = sorted(values["target_modules"])  # peft writes a set: order varies
     return values
@@ -88,7 +96,7 @@ def test_defaults(impl, device, data, tmp_path_factory):
     config, _ = saved(impl, mine, tmp_path_factory.mktemp("defaults"))
     defaults = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
                 "init_lora_weights": True, "use_dora": False}
-    found = {key: config.get(key) for key in defaults}
+    found = {key: _normalized(config)[key] for key in defaults}
     checks.check(found == defaults, "LORA-CFG-001", f"saved defaults {found}, peft's are {defaults}")
 
 
@@ -99,7 +107,7 @@ def test_conv1d_targets_save_fan_in_fan_out(impl, device, data, fan_in_fan_out, 
     case = data.draw(cases(impl.capabilities, kinds={"conv1d"}, extras=False), label="case")
     mine, _ = harness.adapted_pair(impl, None, harness.with_config(case, fan_in_fan_out=fan_in_fan_out), device)
     config, _ = saved(impl, mine, tmp_path_factory.mktemp("fan_in_fan_out"))
-    checks.check(config.get("fan_in_fan_out") is True, "LORA-CFG-004",
+    checks.check(_normalized(config)["fan_in_fan_out"] is True, "LORA-CFG-004",
                  f"Conv1D targets with fan_in_fan_out={fan_in_fan_out} saved {config.get('fan_in_fan_out')!r}")
 
 
