@@ -7,6 +7,7 @@ not declare), blocked (a prerequisite failed), not run (e.g. no oracle, no GPU).
 
 import json
 import platform
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -153,6 +154,7 @@ def to_markdown(report: dict) -> str:
 
 
 def write(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         json.dump(report, handle, indent=2, default=str)
     md_path = path[:-5] + ".md" if path.endswith(".json") else path + ".md"

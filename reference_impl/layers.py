@@ -108,14 +108,26 @@ class LoraLayer(nn.Module):
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name in self.lora_magnitude_vector:
             return dora.merged_weight(self, name, weight)
-        weight += self.delta_weight(name).to(weight.dtype)
-        return weight
+        return self._fold(name, weight, sign=1)
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name in self.lora_magnitude_vector:
             return dora.unmerged_weight(self, name, weight)
-        weight -= self.delta_weight(name).to(weight.dtype)
+        return self._fold(name, weight, sign=-1)
+
+    def _fold(self, name: str, weight: torch.Tensor, sign: int) -> torch.Tensor:
+        """weight += sign * s * BA, in one addmm_ pass when the layout and dtypes allow (no temporary of the
+        weight's size), else through delta_weight."""
+        A, B = self.factors(name)
+        operands = self.fold_operands(A, B)
+        if operands is not None and weight.dtype == A.dtype == B.dtype and weight.device == A.device:
+            return weight.addmm_(*operands, alpha=sign * self.scaling[name])
+        weight += sign * self.delta_weight(name).to(weight.dtype)
         return weight
+
+    def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
+        """(left, right) with left @ right = BA in the stored weight's layout, or None (conv)."""
+        return None
 
     def lora_bias_after_merge(self, name: str, sign: int) -> Optional[torch.Tensor]:
         """With lora_bias, merging also adds s * B.bias to the base bias. Spec: LORA-MERGE-007."""
@@ -164,16 +176,19 @@ class Linear(LoraLayer):
             tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return tensors
 
-    def make_factors(self, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
-        return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=lora_bias)
+    def make_factors(self, r: int, lora_bias: bool, initialize: bool = True) -> tuple[nn.Module, nn.Module]:
+        return (construct(nn.Linear, self.in_features, r, bias=False, initialize=initialize),
+                construct(nn.Linear, r, self.out_features, bias=lora_bias, initialize=initialize))
 
-    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool) -> None:
-        """Spec: LORA-INIT-001 (shapes), LORA-INIT-002..005 (values, bit-exact for a given torch seed)."""
+    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool,
+                    initialize: bool = True) -> None:
+        """Spec: LORA-INIT-001 (shapes), LORA-INIT-002..005 (values, bit-exact for a given torch seed).
+        initialize=False (values about to be loaded) starts from zeros and draws nothing from the RNG."""
         self._add_settings(name, r, lora_alpha, config)
         # Both constructors draw their default init from the global RNG, A first: peft draws in this order.
-        self.lora_A[name], self.lora_B[name] = self.make_factors(r, config.lora_bias)
+        self.lora_A[name], self.lora_B[name] = self.make_factors(r, config.lora_bias, initialize)
         init = config.init_lora_weights
-        if init is not False:  # True: A as nn.Linear inits it (kaiming uniform). "gaussian": A ~ N(0, 1/r).
+        if init is not False and initialize:  # True: A as nn.Linear inits it (kaiming uniform). "gaussian": A ~ N(0, 1/r).
             A, B = self.lora_A[name], self.lora_B[name]
             if init is True:
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
@@ -189,6 +204,9 @@ class Linear(LoraLayer):
 
     def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return B @ A  # (out, in)
+
+    def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
+        return (A.T, B.T) if self.fan_in_fan_out else (B, A)  # (BA)^T = A^T B^T for Conv1D's (in, out)
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor):
         """result + B(A(dropout(x))) * s; x is cast to the adapter dtype and stays cast for later adapters."""
@@ -216,18 +234,23 @@ class Conv(Linear):
         if base_layer.groups > 1:
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
 
-    def make_factors(self, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+    def make_factors(self, r: int, lora_bias: bool, initialize: bool = True) -> tuple[nn.Module, nn.Module]:
         base = self.base_layer
         if r % base.groups:
             raise ValueError(f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. "
                              "Currently, support is limited to conv layers where the rank is divisible by groups.")
         ones = (1,) * (base.weight.dim() - 2)
-        A = type(base)(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
-        B = type(base)(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+        A = construct(type(base), self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False,
+                      initialize=initialize)
+        B = construct(type(base), r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias,
+                      initialize=initialize)
         return A, B
 
     def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.einsum("or,ri...->oi...", B.flatten(1), A)  # (out, in, *kernel)
+
+    def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
+        return None
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         if self.base_layer.groups > 1:
@@ -264,14 +287,16 @@ class Embedding(LoraLayer):
             tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return tensors
 
-    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool) -> None:
+    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool,
+                    initialize: bool = True) -> None:
         """Spec: LORA-INIT-001, LORA-INIT-002: init True or "gaussian" gives A = 0 and B ~ N(0, 1)."""
         if config.lora_bias:
             raise ValueError("lora_bias=True is not supported for Embedding.")
         self._add_settings(name, r, lora_alpha, config)
-        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
-        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
-        if config.init_lora_weights is not False:
+        start = torch.randn if initialize else torch.zeros
+        self.lora_embedding_A[name] = nn.Parameter(start(r, self.in_features))
+        self.lora_embedding_B[name] = nn.Parameter(start(self.out_features, r))
+        if config.init_lora_weights is not False and initialize:
             nn.init.zeros_(self.lora_embedding_A[name])
             nn.init.normal_(self.lora_embedding_B[name])
         self._finish_adapter(name, config, upcast_half)
@@ -281,6 +306,9 @@ class Embedding(LoraLayer):
 
     def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return B @ A  # (dim, vocab)
+
+    def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
+        return A.T, B.T  # the table is (vocab, dim)
 
     def lookup(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Embed with the base layer's options (padding_idx only changes gradients)."""
@@ -294,6 +322,16 @@ class Embedding(LoraLayer):
             return dora.adapted_output(self, name, x, result), x
         A, B = self.factors(name)
         return result + (self.lookup(x, A.T) @ B.T) * self.scaling[name], x
+
+
+def construct(cls, *args, initialize: bool = True, **kwargs) -> nn.Module:
+    """cls(*args) with its default random init, or, for values about to be loaded, zeros drawn from nothing."""
+    if initialize:
+        return cls(*args, **kwargs)
+    module = nn.utils.skip_init(cls, *args, **kwargs)
+    for param in module.parameters():
+        nn.init.zeros_(param)
+    return module
 
 
 def warn_fan_in_fan_out(base_layer: nn.Module, config: LoraConfig) -> None:

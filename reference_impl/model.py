@@ -27,13 +27,14 @@ class LoraModel(nn.Module):
 
     peft nests it as `PeftModel.base_model`, so parameter names start with `base_model.model.`."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", upcast_half=True):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", upcast_half=True,
+                 initialize: bool = True):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters = [adapter_name]
         self.targeted_module_names: list[str] = []
-        self.inject(config, adapter_name, upcast_half)
+        self.inject(config, adapter_name, upcast_half, initialize)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     def forward(self, *args, **kwargs):
@@ -45,7 +46,7 @@ class LoraModel(nn.Module):
     def wrappers(self) -> Iterator[ModulesToSaveWrapper]:
         return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
 
-    def inject(self, config: LoraConfig, adapter_name: str, upcast_half: bool = True) -> None:
+    def inject(self, config: LoraConfig, adapter_name: str, upcast_half: bool = True, initialize: bool = True) -> None:
         """Add adapter `adapter_name` to every targeted module, in `named_modules()` order (the order in which
         peft draws initial values). Spec: LORA-MATCH-001..008, LORA-INIT-003."""
         if adapter_name in self.peft_config:
@@ -66,7 +67,7 @@ class LoraModel(nn.Module):
                 continue
             if not matches_target(name, config):
                 continue
-            self._add_to_module(name, config, adapter_name, upcast_half)
+            self._add_to_module(name, config, adapter_name, upcast_half, initialize)
             targeted.append(name)
         if not targeted:
             raise no_match_error(config, names, excluded)
@@ -79,7 +80,8 @@ class LoraModel(nn.Module):
         self.targeted_module_names += [n for n in targeted if n not in self.targeted_module_names]
         self.peft_config[adapter_name] = config
 
-    def _add_to_module(self, name: str, config: LoraConfig, adapter_name: str, upcast_half: bool) -> None:
+    def _add_to_module(self, name: str, config: LoraConfig, adapter_name: str, upcast_half: bool,
+                       initialize: bool) -> None:
         module = self.model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             base = module
@@ -92,7 +94,7 @@ class LoraModel(nn.Module):
         warn_fan_in_fan_out(module.base_layer, config)
         r = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
-        module.add_adapter(adapter_name, r, alpha, config, upcast_half)
+        module.add_adapter(adapter_name, r, alpha, config, upcast_half, initialize)
         module.active_adapters = list(self.active_adapters)
 
     # --- which adapters run and train ---------------------------------------------------------------------
@@ -126,9 +128,9 @@ class LoraModel(nn.Module):
                 if isinstance(tensor, nn.Parameter):  # not the buffers of modules_to_save copies
                     tensor.requires_grad_(True)
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+    def add_adapter(self, adapter_name: str, config: LoraConfig, initialize: bool = True) -> None:
         """A new adapter, inactive and frozen. Spec: LORA-MULTI-001."""
-        self.inject(config, adapter_name)
+        self.inject(config, adapter_name, initialize=initialize)
         self.set_adapter(self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:

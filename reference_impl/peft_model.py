@@ -19,9 +19,9 @@ class PeftModel(nn.Module):
     """A model with LoRA adapters. Calls and unknown attributes go to the wrapped model, so a transformers
     model keeps its forward signature (input_ids, attention_mask, labels, ...) and its methods."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", initialize: bool = True):
         super().__init__()
-        self.base_model = LoraModel(model, config, adapter_name)
+        self.base_model = LoraModel(model, config, adapter_name, initialize=initialize)
 
     def forward(self, *args, **kwargs):
         return self.base_model.model(*args, **kwargs)
@@ -130,12 +130,14 @@ class PeftModel(nn.Module):
                         ignore_unknown_keys: bool = False) -> "PeftModel":
         """Wrap `model` and load the adapter saved in `model_id`. Without is_trainable the result is frozen and in
         eval mode. Both files are read and checked before `model` is touched, and a failed load puts its original
-        modules back. Spec: LORA-LOAD-001, LORA-LOAD-004, LORA-ERR-003..008."""
+        modules back. Unlike peft, the adapter is not randomly initialised first (the file overwrites it): the
+        global RNG is left alone, and a tensor missing from the file stays zero. Spec: LORA-LOAD-001,
+        LORA-LOAD-004, LORA-LOAD-005, LORA-ERR-003..008."""
         directory = save_load.Path(model_id, subfolder or "")
         config = save_load.read_config(directory, ignore_unknown_keys)
         tensors = save_load.read_weights(directory, allow_pickle)
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, config, adapter_name, initialize=False)
         try:
             peft_model._set_weights(tensors, directory, adapter_name)
         except ValueError:
@@ -151,7 +153,7 @@ class PeftModel(nn.Module):
         config = save_load.read_config(model_id, ignore_unknown_keys)
         tensors = save_load.read_weights(model_id, allow_pickle)
         config.inference_mode = not is_trainable
-        self.base_model.add_adapter(adapter_name, config)
+        self.base_model.add_adapter(adapter_name, config, initialize=False)
         try:
             keys = self._set_weights(tensors, model_id, adapter_name)
         except ValueError:
