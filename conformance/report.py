@@ -198,5 +198,9 @@ def compare_markdown(paths) -> str:
             if entry["status"] == "fail" and entry["failures"]:
                 first = entry["failures"][0]["message"].splitlines()[0]
                 failures.append(f"- {_column(rep).replace('<br>', ', ')}, {req}: {first}")
+    known = [f"- {_column(rep).replace('<br>', ', ')}, {req}: {'; '.join(entry['reasons'])}"
+             for rep in reports for req, entry in rep["requirements"].items()
+             if entry["status"] == "expected fail" and entry.get("reasons")]
     return "\n".join(lines) + ("\n\nFirst failure of each failing requirement:\n\n" + "\n".join(failures)
-                               if failures else "") + "\n"
+                               if failures else "") + ("\n\nExpected failures, with the reasons their expectations "
+                                                       "files give:\n\n" + "\n".join(known) if known else "") + "\n"

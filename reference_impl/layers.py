@@ -328,9 +328,9 @@ def construct(cls, *args, initialize: bool = True, **kwargs) -> nn.Module:
     """cls(*args) with its default random init, or, for values about to be loaded, zeros drawn from nothing."""
     if initialize:
         return cls(*args, **kwargs)
-    module = nn.utils.skip_init(cls, *args, **kwargs)
-    for param in module.parameters():
-        nn.init.zeros_(param)
+    module = cls(*args, device="meta", **kwargs)  # shapes only: a meta init allocates and draws nothing
+    for name, param in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(torch.zeros(param.shape)))
     return module
 
 
