@@ -218,4 +218,5 @@ def _check_numbers(directory: Path, base: str, inputs: dict, report: Report, all
             return
     diff = (ours - theirs).abs().max().item()
     level = "info" if diff <= 1e-5 + 1.3e-6 * theirs.abs().max().item() else "error"
-    report.add(level, "numbers.peft", f"reference_impl and peft {peft.__version__} outputs differ by at most {diff:.3g}")
+    report.add(level, "numbers.peft",
+               f"reference_impl and peft {peft.__version__} outputs differ by at most {diff:.3g}")

@@ -70,6 +70,9 @@ def close(actual: torch.Tensor, expected: torch.Tensor, tol: str, req: str, what
           f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     if actual.dtype != expected.dtype:
         fail(req, f"{what}: dtype {actual.dtype}, expected {expected.dtype}")
+    if torch.equal(actual.detach().cpu(), expected.detach().cpu()):  # the common case, without the arithmetic
+        measurements.append(Measurement(req, tolerance.name, 0.0, 0.0, 0.0, req in widened))
+        return
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     diff = (a - e).abs()
     diff[torch.isnan(a) & torch.isnan(e)] = 0  # NaN where NaN is expected counts as equal

@@ -114,3 +114,8 @@ def adapted_modules(keys) -> set[str]:
     """The module paths that hold a LoRA adapter, from peft keys ("base_model.model." stripped)."""
     paths = {key.split(".lora_")[0] for key in keys if ".lora_" in key}
     return {p.removeprefix("base_model.model.") for p in paths}
+
+
+def initial_state(driver: Driver, case: Case, device: str) -> dict[str, torch.Tensor]:
+    """The adapter tensors right after wrapping the case (fp32 base), before any values are loaded."""
+    return driver.adapter_state_dict(wrap(driver, case, device, torch.float32).model)

@@ -239,7 +239,7 @@ def _failed_reqs(excinfo) -> list[str]:
     if excinfo is None:
         return []
     error = excinfo.value
-    errors = list(error.exceptions) if isinstance(error, BaseExceptionGroup) else [error]
+    errors = list(getattr(error, "exceptions", [error]))  # hypothesis groups several distinct failures
     return sorted({e.req for e in errors if isinstance(e, checks.ConformanceFailure)})
 
 
@@ -259,7 +259,8 @@ class TestTimeout(BaseException):
 def pytest_runtest_call(item):
     """Stop a test whose implementation hangs, fail it with a message, and go on (POSIX main thread only)."""
     seconds = item.config.stash[state_key].timeout
-    usable = _is_suite_item(item) and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    main_thread = threading.current_thread() is threading.main_thread()
+    usable = _is_suite_item(item) and hasattr(signal, "SIGALRM") and main_thread
     if not usable:
         yield
         return
@@ -354,7 +355,8 @@ def pytest_report_header(config):
     if not torch.cuda.is_available():
         lines.append("peft-conformance: CUDA cases will NOT run: torch sees no GPU")
     oracle = state.oracle()
-    lines.append(f"peft-conformance: oracle {'peft ' + oracle.version if oracle else 'NOT INSTALLED (oracle tests will not run)'}")
+    found = f"peft {oracle.version}" if oracle else "NOT INSTALLED (oracle tests will not run)"
+    lines.append(f"peft-conformance: oracle {found}")
     return lines
 
 

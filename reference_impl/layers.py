@@ -188,7 +188,8 @@ class Linear(LoraLayer):
         # Both constructors draw their default init from the global RNG, A first: peft draws in this order.
         self.lora_A[name], self.lora_B[name] = self.make_factors(r, config.lora_bias, initialize)
         init = config.init_lora_weights
-        if init is not False and initialize:  # True: A as nn.Linear inits it (kaiming uniform). "gaussian": A ~ N(0, 1/r).
+        # True: A as nn.Linear inits it (kaiming uniform). "gaussian": A ~ N(0, 1/r). B = 0 either way.
+        if init is not False and initialize:
             A, B = self.lora_A[name], self.lora_B[name]
             if init is True:
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))

@@ -14,7 +14,8 @@ from torch import nn
 from .config import LoraConfig
 from .layers import LoraLayer, make_lora_layer, warn_fan_in_fan_out
 from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
-from .targeting import is_excluded, matches_target, no_match_error, pattern_value, resolve_targets, unmatched_pattern_keys
+from .targeting import (is_excluded, matches_target, no_match_error, pattern_value, resolve_targets,
+                        unmatched_pattern_keys)
 
 
 def _swap(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -57,7 +57,8 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # --- adapters ---------------------------------------------------------------------------------------
 
@@ -119,9 +120,11 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name].to_dict()
         model = self.get_base_model()
         config["inference_mode"] = True
-        config["base_model_name_or_path"] = config["base_model_name_or_path"] or getattr(model, "name_or_path", None) or None
+        name = config["base_model_name_or_path"] or getattr(model, "name_or_path", None)
+        config["base_model_name_or_path"] = name or None
         if config["task_type"] is None:
-            config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+            config["auto_mapping"] = {"base_model_class": type(model).__name__,
+                                      "parent_library": type(model).__module__}
         return config
 
     @classmethod

@@ -15,8 +15,8 @@ from .swap import SwapDriver, is_conv1d
 class LoralibDriver(SwapDriver):
     name = "loralib"
     version = getattr(loralib, "__version__", "0.1.2")
-    capabilities = frozenset({"autograd", "linear", "conv1d", "embedding", "dropout", "bias", "merge", "unload", "save_load",
-                              "cuda"})
+    capabilities = frozenset({"autograd", "linear", "conv1d", "embedding", "dropout", "bias", "merge", "unload",
+                              "save_load", "cuda"})
     honoured = {"lora_dropout", "bias"}
 
     def make_layer(self, module: nn.Module, config: dict, path: str) -> nn.Module:

@@ -16,8 +16,8 @@ PREFIX = "base_model.model."
 @given(data=st.data())
 def test_keys_match_peft(impl, oracle, device, data):
     case = data.draw(cases(impl.capabilities), label="case")
-    mine = impl.adapter_state_dict(harness.wrap(impl, case, device, torch.float32).model)
-    theirs = oracle.adapter_state_dict(harness.wrap(oracle, case, device, torch.float32).model)
+    mine = harness.initial_state(impl, case, device)
+    theirs = harness.initial_state(oracle, case, device)
     checks.same_keys(mine, theirs, "LORA-KEYS-001", "adapter keys (implementation vs peft)")
 
 
@@ -25,7 +25,7 @@ def test_keys_match_peft(impl, oracle, device, data):
 @given(data=st.data())
 def test_keys_name_the_module_not_the_adapter(impl, device, data):
     case = data.draw(cases(impl.capabilities, single_layer=True, extras=False), label="case")
-    keys = set(impl.adapter_state_dict(harness.wrap(impl, case, device, torch.float32).model))
+    keys = set(harness.initial_state(impl, case, device))
     if "embedding" in case.model:
         checks.check(keys == {PREFIX + "layer.lora_embedding_A", PREFIX + "layer.lora_embedding_B"},
                      "LORA-KEYS-002", f"embedding adapter keys {sorted(keys)}")
@@ -39,8 +39,8 @@ def test_keys_name_the_module_not_the_adapter(impl, device, data):
 @given(data=st.data())
 def test_shapes_and_dtypes_match_peft(impl, oracle, device, data):
     case = data.draw(cases(impl.capabilities), label="case")
-    mine = impl.adapter_state_dict(harness.wrap(impl, case, device, torch.float32).model)
-    theirs = oracle.adapter_state_dict(harness.wrap(oracle, case, device, torch.float32).model)
+    mine = harness.initial_state(impl, case, device)
+    theirs = harness.initial_state(oracle, case, device)
     for key in sorted(set(mine) & set(theirs)):
         found, expected = (tuple(mine[key].shape), mine[key].dtype), (tuple(theirs[key].shape), theirs[key].dtype)
         checks.check(found == expected, "LORA-KEYS-003", f"{key}: shape and dtype {found}, peft {expected}")
@@ -81,7 +81,7 @@ def test_bias_keys(impl, device, data, bias):
 def test_lora_bias_key(impl, device, data):
     case = data.draw(cases(impl.capabilities, single_layer=True, kinds={"linear", "conv1d"}, extras=False))
     case = harness.with_config(case, lora_bias=True, init_lora_weights=True)
-    keys = set(impl.adapter_state_dict(harness.wrap(impl, case, device, torch.float32).model))
+    keys = set(harness.initial_state(impl, case, device))
     checks.check(PREFIX + "layer.lora_B.bias" in keys, "LORA-KEYS-006", f"no lora_B.bias among {sorted(keys)}")
 
 

@@ -152,7 +152,6 @@ def test_modules_to_save_are_not_adapted(impl):
 @given(data=st.data())
 def test_targets_match_peft(impl, oracle, device, data):
     case = data.draw(cases(impl.capabilities), label="case")
-    mine = harness.adapted_modules(impl.adapter_state_dict(harness.wrap(impl, case, device, torch.float32).model))
-    theirs = harness.adapted_modules(oracle.adapter_state_dict(
-        harness.wrap(oracle, case, device, torch.float32).model))
+    mine = harness.adapted_modules(harness.initial_state(impl, case, device))
+    theirs = harness.adapted_modules(harness.initial_state(oracle, case, device))
     checks.check(mine == theirs, "LORA-MATCH-002", f"adapted {sorted(mine)}, peft adapted {sorted(theirs)}")

@@ -1,7 +1,6 @@
 """MTS: modules_to_save, whole modules trained and saved beside the adapter."""
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
