@@ -1,6 +1,7 @@
 """The spec itself: a consistent registry, a current SPEC.md, and a test for every MUST requirement."""
 
 import importlib
+import importlib.util
 import pkgutil
 import re
 
@@ -69,6 +70,13 @@ def test_spec_md_is_generated_from_the_registry():
         "SPEC.md is stale: regenerate it with `peft-conformance spec > SPEC.md`"
 
 
+# The library each shipped driver wraps; its own tox env (`tox -e NAME`) installs it and loads the driver too.
+WRAPPED_LIBRARY = {"reference": "reference_impl", "peft": "peft", "loralib": "loralib", "torchtune": "torchtune",
+                   "mlx": "mlx_lm"}
+
+
 @pytest.mark.parametrize("name", sorted(api.BUILTIN_DRIVERS))
 def test_shipped_drivers_follow_the_protocol(name):
+    if importlib.util.find_spec(WRAPPED_LIBRARY[name]) is None:
+        pytest.skip(f"{WRAPPED_LIBRARY[name]} is not installed here; `tox -e {name}` checks this driver")
     assert not api.protocol_problems(api.load_driver(name))
