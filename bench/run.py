@@ -260,12 +260,27 @@ def suite_section(with_ci_run: bool) -> None:
             torch.testing.assert_close(a.output(), b.output())
             count += 1
         report(section, label, f"{count / (time.perf_counter() - start):.1f} examples/s")
+        _example_parts(section, label, zoo_name, mine, theirs)
     if with_ci_run:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "--peft-impl=reference",
                         "--peft-profile=ci", "-q", "-p", "no:cacheprovider"], capture_output=True)
         report(section, "wall time of the suite, profile ci, reference vs peft",
                f"{time.perf_counter() - start:.0f} s")
+
+
+def _example_parts(section: str, label: str, zoo_name: str, mine, theirs) -> None:
+    """Where one example's time goes: the ceiling that peft's own share puts on examples per second."""
+    case = Case(zoo_name, {"target_modules": ["c_attn", "c_proj"], "r": 4}, values_seed=0)
+    config = {"target_modules": ["c_attn", "c_proj"], "r": 4}
+    base = lambda: models.build(zoo_name)  # noqa: E731
+    parts = {
+        "copy of the base": median_time(lambda _: models.build(zoo_name), 20),
+        "peft get_peft_model": median_time(lambda m: peft.get_peft_model(m, peft.LoraConfig(**config)), 20, base),
+        "reference get_peft_model": median_time(lambda m: ref.get_peft_model(m, ref.LoraConfig(**config)), 20, base),
+        "both wrapped and loaded": median_time(lambda _: harness.adapted_pair(mine, theirs, case, "cpu"), 20),
+    }
+    report(section, f"{label}: per example", "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts.items()))
 
 
 def markdown(command: str) -> str:
