@@ -103,17 +103,17 @@ class LoraConfig:
         """Build a config from adapter_config.json content. A key no peft release we know writes is an error
         (peft warns and ignores it) unless ignore_unknown_keys. Spec: LORA-LOAD-006, LORA-CFG-008, LORA-ERR-002."""
         if data.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"adapter_config.json: peft_type is {data['peft_type']!r}; only 'LORA' is supported")
+            raise ValueError(f"peft_type is {data['peft_type']!r}; only 'LORA' is supported")
         known = {f.name for f in fields(cls)}
         for key, value in data.items():
             if key in PEFT_ONLY_FIELDS and value != PEFT_ONLY_FIELDS[key]:
                 raise ValueError(
-                    f"adapter_config.json: {key}={value!r} selects a peft feature outside plain LoRA; "
+                    f"{key}={value!r} selects a peft feature outside plain LoRA; "
                     f"this implementation supports only {key}={PEFT_ONLY_FIELDS[key]!r}"
                 )
         unknown = sorted(set(data) - known - set(PEFT_ONLY_FIELDS))
         if unknown and not ignore_unknown_keys:
-            raise ValueError(f"adapter_config.json: unknown keys {unknown} (not a LoraConfig field of peft "
+            raise ValueError(f"unknown keys {unknown} (not a LoraConfig field of peft "
                              f"{PEFT_SPEC_VERSION}); peft would ignore them: pass ignore_unknown_keys=True to do so")
         if unknown:
             warnings.warn(f"adapter_config.json: ignoring unknown keys {unknown}", UserWarning, stacklevel=2)
