@@ -37,6 +37,7 @@ from conformance.drivers.reference import ReferenceDriver  # noqa: E402
 from conformance.strategies import Case  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj"]
+SUITE_CONFIG = {"target_modules": TARGETS, "r": 4}  # the adapter of every suite-throughput example
 ROWS: list[tuple[str, str, str]] = []  # (section, measurement, value) for the Markdown page
 
 
@@ -255,7 +256,7 @@ def suite_section(with_ci_run: bool) -> None:
         models.build(zoo_name)  # built once, copied per example, as the suite does
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < 10:
-            case = Case(zoo_name, {"target_modules": ["c_attn", "c_proj"], "r": 4}, values_seed=count)
+            case = Case(zoo_name, SUITE_CONFIG, values_seed=count)
             a, b = harness.adapted_pair(mine, theirs, case, "cpu")
             torch.testing.assert_close(a.output(), b.output())
             count += 1
@@ -271,15 +272,13 @@ def suite_section(with_ci_run: bool) -> None:
 
 def _example_parts(section: str, label: str, zoo_name: str, mine, theirs) -> None:
     """Where one example's time goes: the ceiling that peft's own share puts on examples per second."""
-    case = Case(zoo_name, {"target_modules": ["c_attn", "c_proj"], "r": 4}, values_seed=0)
-    config = {"target_modules": ["c_attn", "c_proj"], "r": 4}
+    case = Case(zoo_name, SUITE_CONFIG, values_seed=0)
     base = lambda: models.build(zoo_name)  # noqa: E731
-    parts = {
-        "copy of the base": median_time(lambda _: models.build(zoo_name), 20),
-        "peft get_peft_model": median_time(lambda m: peft.get_peft_model(m, peft.LoraConfig(**config)), 20, base),
-        "reference get_peft_model": median_time(lambda m: ref.get_peft_model(m, ref.LoraConfig(**config)), 20, base),
-        "both wrapped and loaded": median_time(lambda _: harness.adapted_pair(mine, theirs, case, "cpu"), 20),
-    }
+    parts = {"copy of the base": median_time(lambda _: models.build(zoo_name), 20)}
+    for name, lib in (("peft", peft), ("reference", ref)):
+        parts[f"{name} get_peft_model"] = median_time(
+            lambda m: lib.get_peft_model(m, lib.LoraConfig(**SUITE_CONFIG)), 20, base)
+    parts["both wrapped and loaded"] = median_time(lambda _: harness.adapted_pair(mine, theirs, case, "cpu"), 20)
     report(section, f"{label}: per example", "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts.items()))
 
 
