@@ -257,7 +257,7 @@ def suite_section(with_ci_run: bool) -> None:
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < 10:
             case = Case(zoo_name, SUITE_CONFIG, values_seed=count)
-            a, b = harness.adapted_pair(mine, theirs, case, "cpu")
+            a, b = harness.pair(mine, theirs, case, "cpu")
             torch.testing.assert_close(a.output(), b.output())
             count += 1
         report(section, label, f"{count / (time.perf_counter() - start):.1f} examples/s")
@@ -278,7 +278,7 @@ def _example_parts(section: str, label: str, zoo_name: str, mine, theirs) -> Non
     for name, lib in (("peft", peft), ("reference", ref)):
         parts[f"{name} get_peft_model"] = median_time(
             lambda m: lib.get_peft_model(m, lib.LoraConfig(**SUITE_CONFIG)), 20, base)
-    parts["both wrapped and loaded"] = median_time(lambda _: harness.adapted_pair(mine, theirs, case, "cpu"), 20)
+    parts["both wrapped and loaded"] = median_time(lambda _: harness.pair(mine, theirs, case, "cpu"), 20)
     report(section, f"{label}: per example", "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts.items()))
 
 

@@ -1,14 +1,26 @@
 """The driver protocol: what an implementation provides so that the suite can run it.
 
 A driver is any object with the members of `Driver`. Register it under the entry-point group
-`peft_conformance.implementations`, or name it as `module:attr` (a driver object, or a class or factory
-that returns one). Configs are plain dicts with peft's LoraConfig field names, so a driver never needs peft.
+`peft_conformance.implementations`, or name it as `module:attr` or `path/to/file.py:attr` (a driver object, or a
+class or factory that returns one). Configs are plain dicts with peft's LoraConfig field names, so a driver never
+needs peft. The models the suite hands a driver are plain torch / transformers models, never peft's.
+
+Two optional members say what a driver covers and how it stores adapters (docs/plug-in-your-library.md):
+- `supports(model, config) -> str | None`: None when the driver can run this config on this base model, else the
+  reason it cannot. Examples outside the scope are not drawn; a requirement with none inside is "not applicable".
+- `layout`: an object with `to_driver(model, tensors)` and `to_peft(model, tensors)` that map peft-keyed adapter
+  tensors to the driver's own keys and shapes and back. With it, adapter_state_dict and load_adapter_state_dict
+  use the driver's layout, and the suite compares through the mapping. `to_peft` raises NoExactMapping where the
+  driver's tensors have no peft equivalent.
 """
 
 import importlib
+import importlib.util
+import sys
 from contextlib import AbstractContextManager
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -91,6 +103,33 @@ class Driver(Protocol):
         """(trainable, total) as peft counts them: numel over named_parameters(), tied weights once."""
 
 
+class Layout(Protocol):
+    """How a driver's adapter tensors relate to peft's saved ones (the optional `layout` member of a driver)."""
+
+    def to_driver(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft-keyed tensors -> the driver's own, computing the same function. Written with torch operations,
+        so that the suite can carry gradients back to peft's layout through it."""
+
+    def to_peft(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The driver's own tensors -> peft-keyed ones; raises NoExactMapping where none exists."""
+
+
+class NoExactMapping(ValueError):
+    """A driver's tensors that peft's layout cannot hold (for example three different copies of a shared factor).
+    The requirement being checked reports it by name instead of comparing."""
+
+
+def supports(driver, model: nn.Module, config: dict) -> Optional[str]:
+    """Why `driver` cannot run `config` on `model` by its own `supports` hook, or None (no hook: everything)."""
+    hook = getattr(driver, "supports", None)
+    return hook(model, config) if hook is not None else None
+
+
+def layout_of(driver) -> Optional[Layout]:
+    """The driver's layout mapping, or None when it keeps peft's layout."""
+    return getattr(driver, "layout", None)
+
+
 DRIVER_MEMBERS = ("name", "version", "capabilities", "wrap", "add_adapter", "set_adapter", "delete_adapter",
                   "disable_adapter", "adapter_state_dict", "load_adapter_state_dict", "save", "load", "merge",
                   "unmerge", "merge_and_unload", "unload", "trainable_parameters")
@@ -112,16 +151,18 @@ def available_drivers() -> dict[str, str]:
 
 
 def load_driver(spec: str) -> Driver:
-    """A driver from a registered name ("reference") or a `module:attr` path. Raises ValueError otherwise."""
+    """A driver from a registered name ("reference"), a `module:attr` path or a `path/to/file.py:attr`.
+    Raises ValueError otherwise."""
     registered = available_drivers()
     target = registered.get(spec, spec)
     if ":" not in target:
         raise ValueError(f"unknown implementation {spec!r}: registered drivers are {sorted(registered)}; "
-                         "or give module:attr")
-    module_name, _, attr = target.partition(":")
+                         "or give module:attr or path/to/file.py:attr")
+    source, _, attr = target.rpartition(":")  # rpartition: a Windows path has a colon after its drive letter
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
+        module = _import_file(source) if source.endswith(".py") else importlib.import_module(source)
+        obj = getattr(module, attr)
+    except (ImportError, AttributeError, FileNotFoundError) as error:
         raise ValueError(f"cannot load implementation {spec!r} ({target}): {error}") from error
     driver = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "wrap")) else obj
     problems = protocol_problems(driver)
@@ -130,10 +171,44 @@ def load_driver(spec: str) -> Driver:
     return driver
 
 
+def _import_file(path: str):
+    """Import a driver module from a file, under a name derived from the file (so it can be imported once)."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file {file}")
+    name = f"peft_conformance_driver_{file.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def driver_source(spec: str) -> tuple[str, Optional[str]]:
+    """What a fresh interpreter needs to import the driver `spec`: the `--peft-impl` value to pass (files as
+    absolute paths) and the folder to put on PYTHONPATH (None when a plain import finds it)."""
+    target = available_drivers().get(spec, spec)
+    source, _, attr = target.rpartition(":")
+    if source.endswith(".py"):
+        return f"{Path(source).resolve()}:{attr}", None
+    module = sys.modules.get(source)
+    file = getattr(module, "__file__", None)
+    if not file or spec in available_drivers():
+        return spec, None
+    root = Path(file).resolve().parents[source.count(".") + (Path(file).name == "__init__.py")]
+    return spec, str(root)
+
+
 def protocol_problems(driver) -> list[str]:
     """What keeps `driver` from being a Driver: missing members, unknown capabilities."""
     problems = [f"missing member {m!r}" for m in DRIVER_MEMBERS if not hasattr(driver, m)]
     unknown = set(getattr(driver, "capabilities", ())) - set(CAPABILITIES)
     if unknown:
         problems.append(f"unknown capabilities {sorted(unknown)} (known: {sorted(CAPABILITIES)})")
+    if getattr(driver, "supports", None) is not None and not callable(driver.supports):
+        problems.append("supports must be callable: supports(model, config) -> reason or None")
+    layout = layout_of(driver)
+    if layout is not None:
+        problems += [f"layout has no {m}()" for m in ("to_driver", "to_peft") if not callable(getattr(layout, m, None))]
     return problems

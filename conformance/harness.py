@@ -1,7 +1,9 @@
-"""Adapted models for a case: the implementation under test and, when peft is installed, the oracle, both
-wrapped under the same seed and loaded with the same non-zero adapter values.
+"""Adapted models for a case: the implementation under test and, when peft is installed, the oracle, both wrapped
+under the same seed and loaded with the same non-zero adapter values.
 
-Adapter values are never left at their initial values (B = 0 would make most checks pass whatever the bug).
+Values are drawn in peft's layout (keys and shapes as peft saves them) and reach a driver with its own layout
+through `layout.to_driver`. Adapter values are never left at their initial values (B = 0 would make most checks
+pass whatever the bug).
 """
 
 import copy
@@ -12,9 +14,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import checks, models
+from . import api, models
 from .api import Driver
 from .strategies import Case
+
+PREFIX = "base_model.model."  # how peft keys an adapter tensor: PREFIX + module path + ".lora_A.weight"
 
 
 @dataclass
@@ -26,7 +30,7 @@ class Adapted:
     case: Case
     device: str
     dtype: torch.dtype
-    values: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # the values loaded, in peft's layout
     original: Optional[nn.Module] = None  # the base model object that was wrapped
     original_modules: dict = field(default_factory=dict)  # its modules by name, before wrapping
     original_params: dict = field(default_factory=dict)  # its parameters by name, before wrapping
@@ -41,6 +45,15 @@ class Adapted:
     def base(self) -> nn.Module:
         """A fresh copy of the unadapted base model."""
         return models.build(self.case.model, self.case.model_seed, self.device, self.dtype)
+
+    @property
+    def path(self) -> str:
+        """The adapted layer of a single-layer model ("layer", "c_attn")."""
+        return models.ZOO[self.case.model].layer
+
+    def base_layer(self) -> nn.Module:
+        """A fresh copy of that layer, unadapted."""
+        return self.base().get_submodule(self.path)
 
 
 def wrap(driver: Driver, case: Case, device: str, dtype: torch.dtype, adapter_name: str = "default") -> Adapted:
@@ -65,36 +78,63 @@ def adapter_values(initial: dict[str, torch.Tensor], seed: int) -> dict[str, tor
     return values
 
 
-def load_values(adapted: Adapted, values: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
-    """Load `values` through the driver and read them back: they must come back unchanged (LORA-KEYS-007)."""
-    device_values = {k: v.to(adapted.device) for k, v in values.items()}
-    adapted.driver.load_adapter_state_dict(adapted.model, device_values, adapter_name)
-    readback = adapted.driver.adapter_state_dict(adapted.model, adapter_name)
-    checks.same_keys(readback, values, "LORA-KEYS-001", "adapter keys (implementation vs the values loaded)")
-    for key, value in values.items():
-        checks.equal(readback[key].detach().cpu(), value, "LORA-KEYS-007", f"value read back for {key}")
-    adapted.values = values
+def load(adapted: Adapted, values: dict[str, torch.Tensor], adapter_name: str = "default") -> dict:
+    """Load peft-layout `values` into the adapted model through its driver (mapped to the driver's own layout);
+    returns what was handed to the driver."""
+    own = to_driver(adapted.driver, adapted.model, values)
+    adapted.driver.load_adapter_state_dict(adapted.model, {k: v.detach().to(adapted.device) for k, v in own.items()},
+                                           adapter_name)
+    if adapter_name == "default":
+        adapted.values = values
+    return own
 
 
-def adapted_pair(impl: Driver, oracle: Optional[Driver], case: Case, device: str,
-                 dtype: torch.dtype = torch.float32) -> tuple[Adapted, Optional[Adapted]]:
-    """The case wrapped by the implementation and by the oracle, both loaded with the same values, drawn
-    around the oracle's initial values (the implementation's when there is no oracle)."""
-    mine = wrap(impl, case, device, dtype)
-    theirs = wrap(oracle, case, device, dtype) if oracle is not None else None
-    source = theirs or mine
-    values = adapter_values(source.driver.adapter_state_dict(source.model), case.values_seed)
-    if theirs is not None:
-        load_values(theirs, values)
-    load_values(mine, values)
+def pair(impl: Driver, oracle: Driver, case: Case, device: str, dtype: torch.dtype = torch.float32
+         ) -> tuple[Adapted, Adapted]:
+    """The case wrapped by the implementation and by peft, both loaded with the same values drawn around peft's
+    initial values."""
+    mine, theirs = wrap(impl, case, device, dtype), wrap(oracle, case, device, dtype)
+    values = adapter_values(oracle.adapter_state_dict(theirs.model), case.values_seed)
+    load(theirs, values)
+    load(mine, values)
     return mine, theirs
 
 
-def with_config(case: Case, **changes) -> Case:
-    """The same case with some config fields changed; a field set to None is removed."""
-    config = {**case.config, **changes}
-    return case._replace(config={k: v for k, v in config.items() if v is not None})
+# --- layouts: the driver's own tensors and peft's ---------------------------------------------------------------
 
+def to_driver(driver: Driver, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft-layout tensors in the driver's own layout (the same dict for a driver in peft's layout)."""
+    layout = api.layout_of(driver)
+    return dict(tensors) if layout is None else layout.to_driver(model, dict(tensors))
+
+
+def peft_state(driver: Driver, model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors in peft's layout: the live ones, or their image under `layout.to_peft` (which raises
+    api.NoExactMapping where there is none)."""
+    live = driver.adapter_state_dict(model, adapter_name)
+    layout = api.layout_of(driver)
+    if layout is None:
+        return live
+    with torch.no_grad():
+        return layout.to_peft(model, {k: v.detach() for k, v in live.items()})
+
+
+def peft_gradients(driver: Driver, model: nn.Module, values: dict[str, torch.Tensor],
+                   own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradients of the driver's own tensors carried back to peft's layout: the vector-Jacobian product of
+    `to_driver` at `values` (a copied factor gets the sum of its copies' gradients, a split one the pieces)."""
+    layout = api.layout_of(driver)
+    if layout is None:
+        return own
+    leaves = {k: v.detach().float().clone().requires_grad_(True) for k, v in values.items() if v.is_floating_point()}
+    mapped = layout.to_driver(model, leaves)
+    pairs = [(mapped[k], own[k].to(mapped[k].dtype)) for k in own if k in mapped and mapped[k].requires_grad]
+    grads = torch.autograd.grad([p[0] for p in pairs], list(leaves.values()), [p[1] for p in pairs],
+                                allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+
+
+# --- helpers on peft-keyed tensors ------------------------------------------------------------------------------
 
 def scaling(config: dict) -> float:
     """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (peft's defaults: r 8, alpha 8)."""
@@ -102,20 +142,7 @@ def scaling(config: dict) -> float:
     return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
 
 
-def factors(values: dict[str, torch.Tensor], path: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of the adapted module at `path`, from peft-keyed values (Linear/conv or Embedding naming)."""
-    prefix = f"base_model.model.{path}."
-    if prefix + "lora_embedding_A" in values:
-        return values[prefix + "lora_embedding_A"], values[prefix + "lora_embedding_B"]
-    return values[prefix + "lora_A.weight"], values[prefix + "lora_B.weight"]
-
-
 def adapted_modules(keys) -> set[str]:
-    """The module paths that hold a LoRA adapter, from peft keys ("base_model.model." stripped)."""
+    """The module paths that hold a LoRA adapter, from peft keys (PREFIX stripped)."""
     paths = {key.split(".lora_")[0] for key in keys if ".lora_" in key}
-    return {p.removeprefix("base_model.model.") for p in paths}
-
-
-def initial_state(driver: Driver, case: Case, device: str) -> dict[str, torch.Tensor]:
-    """The adapter tensors right after wrapping the case (fp32 base), before any values are loaded."""
-    return driver.adapter_state_dict(wrap(driver, case, device, torch.float32).model)
+    return {p.removeprefix(PREFIX) for p in paths}

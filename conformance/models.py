@@ -26,8 +26,12 @@ class ZooModel:
     layers_pattern: str = ""  # the block list's name; needed when the blocks sit at the top level
     in_blocks: tuple[str, ...] = ()  # target names that live inside numbered blocks
     saveable: tuple[str, ...] = ()  # modules_to_save candidates that hold no target
-    single_layer: bool = False  # one adapted layer called "layer": the formula tests use these
+    layer: str = ""  # the one adaptable layer of a single-layer model (the formula tests use these), else ""
     description: str = ""
+
+    @property
+    def single_layer(self) -> bool:
+        return bool(self.layer)
 
     def output(self, result) -> torch.Tensor:
         return output_tensor(result)
@@ -124,23 +128,24 @@ class ConvNet(nn.Module):
 
 
 class Single(nn.Module):
-    """One layer called `layer`: what the formula tests adapt."""
+    """One layer (called `layer` unless named otherwise): what the formula tests adapt."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, name: str = "layer"):
         super().__init__()
-        self.layer = layer
+        self.name = name
+        setattr(self, name, layer)
 
     def forward(self, x):
-        return self.layer(x)
+        return getattr(self, self.name)(x)
 
 
-def _conv1d_single() -> nn.Module:
+def _conv1d_single(nx: int = 12, nf: int = 10, name: str = "layer") -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 
-    layer = Conv1D(nf=10, nx=12)
+    layer = Conv1D(nf=nf, nx=nx)
     nn.init.normal_(layer.weight, std=0.2)  # transformers initialises Conv1D lazily; give it values here
     nn.init.normal_(layer.bias, std=0.2)
-    return Single(layer)
+    return Single(layer, name)
 
 
 ZOO: dict[str, ZooModel] = {m.name: m for m in [
@@ -161,12 +166,15 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
     ZooModel("convnet", ConvNet, _tensor_inputs(2, 3, 6, 6), {CONV2D: ("conv1", "conv2"), LINEAR: ("head",)},
              saveable=("norm",), description="Conv2d 3x3 and 1x1, BatchNorm, Linear head"),
     ZooModel("single-linear", lambda: Single(nn.Linear(12, 10)), _tensor_inputs(2, 3, 12), {LINEAR: ("layer",)},
-             single_layer=True),
-    ZooModel("single-conv1d", _conv1d_single, _tensor_inputs(2, 3, 12), {CONV1D: ("layer",)}, single_layer=True),
+             layer="layer"),
+    ZooModel("single-conv1d", _conv1d_single, _tensor_inputs(2, 3, 12), {CONV1D: ("layer",)}, layer="layer"),
+    ZooModel("single-c_attn", lambda: _conv1d_single(32, 96, "c_attn"), _tensor_inputs(2, 3, 32),
+             {CONV1D: ("c_attn",)}, layer="c_attn",
+             description="GPT-2's fused q/k/v projection alone: Conv1D 32 -> 96 named c_attn"),
     ZooModel("single-embedding", lambda: Single(nn.Embedding(30, 10)),
-             lambda g: {"x": torch.randint(0, 30, (2, 5), generator=g)}, {EMBEDDING: ("layer",)}, single_layer=True),
+             lambda g: {"x": torch.randint(0, 30, (2, 5), generator=g)}, {EMBEDDING: ("layer",)}, layer="layer"),
     ZooModel("single-conv2d", lambda: Single(nn.Conv2d(3, 5, 3, stride=2, padding=1)), _tensor_inputs(2, 3, 7, 7),
-             {CONV2D: ("layer",)}, single_layer=True),
+             {CONV2D: ("layer",)}, layer="layer"),
 ]}
 
 

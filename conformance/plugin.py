@@ -1,5 +1,5 @@
-"""The pytest plugin (entry point `pytest11`): options, hypothesis profiles, the `impl` / `oracle` fixtures, the
-device and dtype axes, capability gating, a per-test timeout, and the per-requirement report.
+"""The pytest plugin (entry point `pytest11`): options, hypothesis profiles, the `run` fixture, the device and dtype
+axes, applicability from the registry, a per-test timeout, and the per-requirement report.
 
 It stays inert in test runs that collect no conformance test.
 """
@@ -14,16 +14,20 @@ from typing import Optional
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.errors import Unsatisfiable
 
 from . import api, checks, expectations, report, spec
+from .run import NOT_APPLICABLE, NOT_RUN, Run
 from .terminal import print_summary
+from .verdict import SuiteError, Verdict
 
 ENV = "PEFT_CONFORMANCE_"
 SUITE_DIR = str(Path(__file__).parent / "suite")
-NOT_APPLICABLE, NOT_RUN = "not applicable: ", "not run: "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+# function_scoped_fixture: `run` is meant to span a test's examples (it gathers what they assert).
+_quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+          HealthCheck.function_scoped_fixture]
 PROFILES = {
     "dev": settings(max_examples=8, deadline=None, suppress_health_check=_quiet),
     "ci": settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
@@ -57,8 +61,9 @@ class State:
     def impl(self) -> api.Driver:
         if self._impl is None:
             if not self.impl_spec:
-                raise pytest.UsageError("choose the implementation to test: --peft-impl NAME or module:attr "
-                                        f"(or {ENV}IMPL); registered: {sorted(api.available_drivers())}")
+                raise pytest.UsageError("choose the implementation to test: --peft-impl NAME, module:attr or "
+                                        f"path/to/file.py:attr (or {ENV}IMPL); registered: "
+                                        f"{sorted(api.available_drivers())}")
             try:
                 self._impl = api.load_driver(self.impl_spec)
             except ValueError as error:
@@ -76,6 +81,8 @@ class State:
 
 
 state_key = pytest.StashKey[State]()
+verdict_key = pytest.StashKey[Verdict]()
+not_applicable_key = pytest.StashKey[dict]()
 
 
 def _option(config, name: str, default=None):
@@ -85,12 +92,13 @@ def _option(config, name: str, default=None):
 
 def pytest_addoption(parser):
     group = parser.getgroup("peft-conformance", "LoRA conformance suite")
-    group.addoption("--peft-impl", help=f"the implementation under test: a registered driver name or module:attr "
-                                        f"[{ENV}IMPL]")
+    group.addoption("--peft-impl", help=f"the implementation under test: a registered driver name, module:attr or "
+                                        f"path/to/file.py:attr [{ENV}IMPL]")
     group.addoption("--peft-device", help="comma-separated devices; default: cpu, plus cuda when torch sees one. "
                                           f"A device torch does not see is an error [{ENV}DEVICE]")
     group.addoption("--peft-dtype", help=f"comma-separated base-model dtypes: float32, bfloat16, float16 "
-                                         f"(default float32) [{ENV}DTYPE]")
+                                         f"(default float32); each requirement runs in the ones the spec covers "
+                                         f"[{ENV}DTYPE]")
     group.addoption("--peft-expectations", help=f"TOML file of known failures, owned by the implementer "
                                                 f"[{ENV}EXPECTATIONS]")
     group.addoption("--peft-report", help=f"write the JSON report here, and a Markdown summary next to it "
@@ -104,8 +112,6 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "req(*ids): the requirement IDs a conformance test checks")
-    config.addinivalue_line("markers", "needs(*capabilities): driver capabilities the test needs to apply")
-    config.addinivalue_line("markers", "oracle: the test compares with peft and does not run without it")
     devices = _devices(_option(config, "peft-device"))
     dtypes = [d.strip() for d in (_option(config, "peft-dtype") or "float32").split(",") if d.strip()]
     for dtype in dtypes:
@@ -149,7 +155,12 @@ def _devices(option: Optional[str]) -> list[str]:
 
 
 def _is_suite_item(item) -> bool:
-    return str(item.path).startswith(SUITE_DIR)
+    """A conformance test: in conformance/suite, or anywhere when it works through the `run` fixture."""
+    return str(item.path).startswith(SUITE_DIR) or "run" in getattr(item, "fixturenames", ())
+
+
+def _claimed(node) -> list[str]:
+    return [i for marker in node.iter_markers("req") for i in marker.args]
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -164,7 +175,7 @@ def pytest_collection_modifyitems(session, config, items):
         torch.backends.cudnn.allow_tf32 = False
     known = spec.requirements()
     for item in suite_items:
-        ids = [i for marker in item.iter_markers("req") for i in marker.args]
+        ids = _claimed(item)
         if not ids:
             raise pytest.UsageError(f"{item.nodeid}: a conformance test needs @pytest.mark.req(...)")
         unknown = [i for i in ids if i not in known]
@@ -175,13 +186,15 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_generate_tests(metafunc):
-    if not str(metafunc.definition.path).startswith(SUITE_DIR):
+    if not (str(metafunc.definition.path).startswith(SUITE_DIR) or "run" in metafunc.fixturenames):
         return
     state = metafunc.config.stash[state_key]
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", state.devices)
     if "dtype" in metafunc.fixturenames:
-        metafunc.parametrize("dtype", [DTYPES[d] for d in state.dtypes], ids=state.dtypes)
+        covered = {d for req in _claimed(metafunc.definition) if req in spec.requirements()
+                   for d in spec.requirement(req).dtypes}
+        metafunc.parametrize("dtype", [d for d in state.dtypes if d in covered] or state.dtypes)
 
 
 @pytest.fixture(scope="session")
@@ -191,63 +204,52 @@ def impl(request) -> api.Driver:
 
 
 @pytest.fixture(scope="session")
-def oracle(request) -> Optional[api.Driver]:
-    """peft's driver, or None when peft is not installed."""
-    return request.config.stash[state_key].oracle()
-
-
-@pytest.fixture(scope="session")
 def peft_devices(request) -> list[str]:
     """The devices the run covers (--peft-device)."""
     return request.config.stash[state_key].devices
 
 
+@pytest.fixture
+def run(request) -> Run:
+    """The test's driver, oracle, axis and verdict (conformance/run.py)."""
+    state = request.config.stash[state_key]
+    device, dtype = _axis(request.node)
+    return Run(state.impl(), state.oracle(), device, DTYPES[dtype], request.node.stash[verdict_key])
+
+
+def _axis(item) -> tuple[str, str]:
+    params = getattr(item, "callspec", None)
+    params = params.params if params else {}
+    return str(params.get("device", "cpu")), str(params.get("dtype", "float32"))
+
+
+def _cell(item) -> dict:
+    device, dtype = _axis(item)
+    return {"test": item.originalname, "id": item.name, "device": device, "dtype": dtype}
+
+
 def pytest_runtest_setup(item):
+    """Which of the test's requirements apply to the driver, by the registry alone; none: "not applicable"."""
     if not _is_suite_item(item):
         return
     state = item.config.stash[state_key]
     driver = state.impl()
-    needed = {c for marker in item.iter_markers("needs") for c in marker.args}
-    params = getattr(item, "callspec", None)
-    device = params.params.get("device", "cpu") if params else "cpu"
-    if str(device).startswith("cuda"):
-        needed.add("cuda")
-    missing = sorted(needed - set(driver.capabilities))
-    if missing:
-        pytest.skip(f"{NOT_APPLICABLE}{driver.name} does not declare {', '.join(missing)}")
-    if item.get_closest_marker("oracle") and state.oracle() is None:
-        pytest.skip(f"{NOT_RUN}peft is not installed, so there is no oracle to compare with")
-    checks.measurements.clear()
-    checks.widened.clear()
-    if state.expectations:
-        checks.widened.update(state.expectations.widened(_reqs(item), _cell(item, driver)))
-
-
-def _reqs(item) -> list[str]:
-    return [i for marker in item.iter_markers("req") for i in marker.args]
-
-
-def _cell(item, driver) -> dict:
-    params = getattr(item, "callspec", None)
-    cell = {"test": item.originalname, "id": item.name, "device": "cpu", "dtype": "float32"}
-    if params:
-        cell.update({k: str(v).replace("torch.", "") for k, v in params.params.items() if k in ("device", "dtype")})
-    return cell
-
-
-def _failed_reqs(excinfo) -> list[str]:
-    if excinfo is None:
-        return []
-    error = excinfo.value
-    errors = list(getattr(error, "exceptions", [error]))  # hypothesis groups several distinct failures
-    return sorted({e.req for e in errors if isinstance(e, checks.ConformanceFailure)})
-
-
-def _repro(item, state: State) -> str:
-    path, _, name = item.nodeid.partition("::")
-    return (f"pytest '{item.path}::{name}' -p no:cacheprovider --peft-impl={state.impl_spec} "
-            f"--peft-profile={state.profile}" + (" --peft-device=" + ",".join(state.devices)
-                                                    if state.devices != ["cpu"] else ""))
+    device, dtype = _axis(item)
+    not_applicable = {}
+    for req in _claimed(item):
+        requirement = spec.requirement(req)
+        needed = set(requirement.capabilities) | ({"cuda"} if device.startswith("cuda") else set())
+        missing = sorted(needed - set(driver.capabilities))
+        if missing:
+            not_applicable[req] = f"{driver.name} does not declare {', '.join(missing)}"
+        elif dtype not in requirement.dtypes:
+            not_applicable[req] = f"the spec checks it on {', '.join(requirement.dtypes)} bases, not {dtype}"
+    applicable = tuple(r for r in _claimed(item) if r not in not_applicable)
+    entries = state.expectations.for_test(_claimed(item), _cell(item)) if state.expectations else []
+    item.stash[verdict_key] = Verdict(tuple(_claimed(item)), applicable, dtype, entries)
+    item.stash[not_applicable_key] = not_applicable
+    if not applicable:
+        pytest.skip(NOT_APPLICABLE + "; ".join(sorted(set(not_applicable.values()))))
 
 
 class TestTimeout(BaseException):
@@ -287,40 +289,121 @@ def pytest_runtest_makereport(item, call):
     if call.when == "teardown" or (call.when == "setup" and rep.passed):
         return
     state = item.config.stash[state_key]
-    driver = state.impl()
-    result = report.TestOutcome(nodeid=item.nodeid, reqs=_reqs(item), outcome="passed", cell=_cell(item, driver),
-                                measurements=[vars(m) for m in checks.measurements])
-    if rep.skipped:
+    verdict = item.stash.get(verdict_key, None)
+    found = verdict.summary() if verdict else {}
+    result = report.TestOutcome(nodeid=item.nodeid, reqs=_claimed(item), outcome="passed", cell=_cell(item),
+                                not_applicable=item.stash.get(not_applicable_key, {}), **found)
+    error = call.excinfo.value if call.excinfo else None
+    if isinstance(error, Unsatisfiable) and verdict is not None:
+        _no_usable_example(result, rep, verdict)
+    elif rep.skipped:
         reason = str(rep.longrepr[2]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         reason = reason.removeprefix("Skipped: ")
         result.outcome = "not applicable" if reason.startswith(NOT_APPLICABLE) else "not run"
         result.reason = reason.removeprefix(NOT_APPLICABLE).removeprefix(NOT_RUN)
     elif rep.failed:
         result.outcome = "failed"
-        # a crash or a plain assertion is charged to every requirement the test checks
-        result.failed_reqs = _failed_reqs(call.excinfo) or result.reqs
-        result.message = _first_lines(call.excinfo)
+        result.failures = _failures(call.excinfo, result)
         result.repro = _repro(item, state)
-        result.example = _example(rep)
         rep.sections.append(("reproduce", result.repro))
-    if state.expectations:
-        state.expectations.apply(result, rep)
+    _apply_expectations(result, rep, verdict, state.expectations.path if state.expectations else "")
     rep.user_properties.append(("peft_conformance", report.outcome_to_dict(result)))
 
 
-def _example(rep) -> str:
-    """The shrunk example hypothesis printed (its "Draw N (label): value" lines), for the JSON report."""
-    lines = [line.strip().removeprefix("E").strip() for line in rep.longreprtext.splitlines()]
-    return "\n".join(line for line in lines if line.startswith(("Draw ", "Falsifying example")))[:4000]
+def _no_usable_example(result: report.TestOutcome, rep, verdict: Verdict) -> None:
+    """hypothesis found no example to keep: all outside the driver's scope, or all expected failures."""
+    rep.outcome, rep.longrepr = "skipped", None
+    if verdict.expected:
+        result.outcome = "expected fail"
+        rep.wasxfail = "expected: " + "; ".join(sorted(set(verdict.expected.values())))
+    elif verdict.out_of_scope:
+        result.outcome = "not applicable"
+        result.reason = "every drawn case is outside the driver's scope: " + "; ".join(sorted(verdict.out_of_scope))
+        rep.longrepr = (str(rep.fspath), 0, f"Skipped: {NOT_APPLICABLE}{result.reason}")
+    else:
+        result.outcome, rep.outcome = "failed", "failed"
+        result.failures = [{"req": r, "message": "hypothesis found no usable example", "example": ""}
+                           for r in result.applicable()]
 
 
-def _first_lines(excinfo, most: int = 8) -> str:
-    if excinfo is None:
-        return ""
-    text = str(excinfo.value) or type(excinfo.value).__name__
-    if not isinstance(excinfo.value, checks.ConformanceFailure):
-        text = f"{type(excinfo.value).__name__}: {text}"
+def _leaves(error) -> list[BaseException]:
+    """The distinct failures behind one test failure (hypothesis groups them)."""
+    if isinstance(getattr(error, "exceptions", None), (list, tuple)):  # an exception group (3.10: the backport)
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]
+
+
+def _failures(excinfo, result: report.TestOutcome) -> list[dict]:
+    """One entry per distinct failure and requirement: a requirement's own failure is charged to it; a crash, a
+    hang or a suite bug to the applicable requirements that had not held in the case that failed."""
+    failures = []
+    for error in _leaves(excinfo.value):
+        example = _example(error)
+        if isinstance(error, checks.ConformanceFailure):
+            failures.append({"req": error.req, "message": _first_lines(str(error)), "example": example})
+            continue
+        applicable = result.applicable()
+        charged = [r for r in applicable if r not in result.last_held] or applicable
+        prefix = "SUITE BUG (not the implementation's): " if isinstance(error, SuiteError) else ""
+        message = _first_lines(f"{prefix}{type(error).__name__}: {error}")
+        failures += [{"req": req, "message": message, "example": example} for req in charged]
+    return failures
+
+
+def _example(error: BaseException) -> str:
+    """The shrunk example hypothesis attached to this failure: its "Draw N (label): value" lines."""
+    notes = getattr(error, "__notes__", [])
+    return "\n".join(n.strip() for n in notes if n.strip().startswith("Draw "))[:4000]
+
+
+def _first_lines(text: str, most: int = 8) -> str:
     return "\n".join(text.splitlines()[:most])
+
+
+def _apply_expectations(result: report.TestOutcome, rep, verdict: Optional[Verdict], path: str) -> None:
+    """Expected failures become "expected fail" (pytest: xfailed); a "fail" entry without `when` whose requirement
+    held is an unexpected pass (a failure). `when` entries were applied per drawn case by the verdict."""
+    entries = verdict.entries if verdict else []
+    test_level = [e for e in entries if not e.when and e.status in ("fail", "flaky")]
+    expected = dict(result.expected)
+    for entry in test_level:
+        if any(f["req"] == entry.req for f in result.failures):
+            expected.setdefault(entry.req, entry.reason)
+    result.expected = expected
+    for failure in result.failures:
+        failure["expected"] = failure["req"] in expected
+    unexpected = {}
+    for entry in test_level:
+        if entry.status == "fail" and entry.req in result.held and entry.req not in expected:
+            unexpected[entry.req] = f"{entry.describe()} is expected to fail in {path} but passed: remove the entry"
+    result.unexpected = unexpected
+    if unexpected:
+        result.outcome = "unexpected pass" if result.outcome in ("passed", "expected fail") else result.outcome
+        rep.outcome, rep.longrepr = "failed", "\n".join(unexpected.values())
+    elif result.outcome == "failed" and all(f["expected"] for f in result.failures):
+        result.outcome = "expected fail"
+        rep.outcome, rep.wasxfail = "skipped", "expected: " + "; ".join(sorted(set(expected.values())))
+    elif result.outcome == "passed" and expected:
+        result.outcome = "expected fail"
+
+
+def _repro(item, state: State) -> str:
+    """A command that reruns this test when pasted into a shell: the driver's import path and this checkout (when
+    the suite is not installed) on PYTHONPATH, and the options that shaped the run."""
+    impl, driver_root = api.driver_source(state.impl_spec)
+    roots = [driver_root] if driver_root else []
+    suite_root = Path(__file__).resolve().parent.parent
+    if "site-packages" not in suite_root.parts:
+        roots.append(str(suite_root))
+    env = f"PYTHONPATH={os.pathsep.join(dict.fromkeys(roots))}{os.pathsep}$PYTHONPATH " if roots else ""
+    options = [f"--peft-impl={impl}", f"--peft-profile={state.profile}"]
+    if state.devices != ["cpu"]:
+        options.append("--peft-device=" + ",".join(state.devices))
+    if state.dtypes != ["float32"]:
+        options.append("--peft-dtype=" + ",".join(state.dtypes))
+    if state.expectations:
+        options.append(f"--peft-expectations={Path(state.expectations.path).resolve()}")
+    return f"{env}pytest '{item.path}::{item.name}' -p conformance.plugin -p no:cacheprovider {' '.join(options)}"
 
 
 class _Collector:
@@ -379,6 +462,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for entry in state.expectations.unused(results.outcomes):
             terminalreporter.write_line(f"peft-conformance: ERROR: expectation {entry.describe()} in "
                                         f"{state.expectations.path} matched no test: remove or fix it", red=True)
+        for entry in state.expectations.unexercised(results.outcomes):
+            terminalreporter.write_line(f"peft-conformance: note: expectation {entry.describe()} in "
+                                        f"{state.expectations.path}: no drawn case under its `when` failed this run "
+                                        "(stale, or not drawn)", yellow=True)
     if state.report_path:
         oracle = state.oracle()
         data = report.to_json(results, {"name": driver.name, "version": driver.version, "entry": state.impl_spec,

@@ -19,18 +19,50 @@ STATUS_ORDER = ("fail", "blocked", "expected fail", "pass", "not applicable", "n
 
 @dataclass
 class TestOutcome:
-    """What one test run contributes: the requirements it checks and how it went."""
+    """What one test run contributes: the requirements it claims, and for each what it found."""
 
     nodeid: str
-    reqs: list[str]
+    reqs: list[str]  # claimed by the test's @pytest.mark.req
     outcome: str  # passed | failed | not applicable | not run | expected fail | unexpected pass
-    failed_reqs: list[str] = field(default_factory=list)
-    message: str = ""
+    failures: list[dict] = field(default_factory=list)  # {req, message, example, expected}: one per failure
+    held: list[str] = field(default_factory=list)  # requirements with an assertion that ran and held
+    last_held: list[str] = field(default_factory=list)
+    not_applicable: dict = field(default_factory=dict)  # req -> why (registry capabilities, dtype coverage)
+    expected: dict = field(default_factory=dict)  # req -> the expectations file's reason
+    blocked_by: list[str] = field(default_factory=list)  # preconditions that failed
+    unexpected: dict = field(default_factory=dict)  # req -> message: expected failures that passed
+    out_of_scope: dict = field(default_factory=dict)  # the driver's scope refusals -> count
+    expectations_seen: list[str] = field(default_factory=list)
+    reason: str = ""  # why the whole test did not run
     repro: str = ""
-    reason: str = ""
     measurements: list[dict] = field(default_factory=list)
     cell: dict = field(default_factory=dict)
-    example: str = ""
+
+    def applicable(self) -> list[str]:
+        return [r for r in self.reqs if r not in self.not_applicable]
+
+    def failed_reqs(self) -> list[str]:
+        return sorted({f["req"] for f in self.failures if not f.get("expected")})
+
+    def verdict(self, req: str) -> tuple[str, str]:
+        """(count, reason) for one requirement: what this test says about it."""
+        if req in self.not_applicable:
+            return "not applicable", self.not_applicable[req]
+        if req in self.failed_reqs():
+            return "failed", ""
+        if req in self.expected:
+            return "expected fail", self.expected[req]
+        if req in self.unexpected:
+            return "unexpected pass", ""
+        if self.outcome in ("not applicable", "not run"):
+            return self.outcome, self.reason
+        if req in self.held:
+            return "passed", ""
+        if self.blocked_by:
+            return "not run", f"blocked: {', '.join(self.blocked_by)} failed first"
+        if self.outcome == "failed":
+            return "not run", "the test stopped on another requirement before asserting it"
+        return "not run", "no assertion bound to it ran (no drawn case reached it)"
 
 
 @dataclass
@@ -43,6 +75,7 @@ class RequirementResult:
     reasons: set = field(default_factory=set)
     status: str = "not run"
     widened: bool = False
+    axes: dict = field(default_factory=dict)  # "cpu/float32" -> counts on that axis
 
 
 class Results:
@@ -55,18 +88,23 @@ class Results:
     def by_requirement(self) -> dict[str, RequirementResult]:
         results: dict[str, RequirementResult] = {}
         for outcome in self.outcomes:
-            for req in dict.fromkeys([*outcome.reqs, *outcome.failed_reqs]):
+            axis = f"{outcome.cell.get('device', 'cpu')}/{outcome.cell.get('dtype', 'float32')}"
+            for req in dict.fromkeys([*outcome.reqs, *(f["req"] for f in outcome.failures)]):
                 result = results.setdefault(req, RequirementResult(req))
-                kind = outcome.outcome
-                if kind in ("failed", "expected fail") and req not in outcome.failed_reqs:
-                    continue  # this test stopped on another requirement; nothing is known about this one
+                kind, reason = outcome.verdict(req)
                 result.counts[kind] += 1
-                if kind in ("not applicable", "not run", "expected fail") and outcome.reason:
-                    result.reasons.add(outcome.reason)
-                if kind in ("failed", "unexpected pass"):
-                    result.failures.append({"test": outcome.nodeid, "message": outcome.message,
-                                            "repro": outcome.repro, "cell": outcome.cell,
-                                            "example": outcome.example})
+                on_axis = result.axes.setdefault(axis, dict.fromkeys(result.counts, 0))
+                on_axis[kind] += 1
+                if reason and kind != "passed":
+                    result.reasons.add(reason)
+                for failure in outcome.failures:
+                    if failure["req"] == req and not failure.get("expected"):
+                        result.failures.append({"test": outcome.nodeid, "message": failure["message"],
+                                                "repro": outcome.repro, "cell": outcome.cell,
+                                                "example": failure.get("example", "")})
+                if kind == "unexpected pass":
+                    result.failures.append({"test": outcome.nodeid, "message": outcome.unexpected[req],
+                                            "repro": "", "cell": outcome.cell, "example": ""})
             for m in outcome.measurements:
                 result = results.get(m["req"])
                 if result is None:
@@ -75,7 +113,7 @@ class Results:
                 if result.worst is None or m["ratio"] > result.worst["ratio"]:
                     result.worst = m
         for result in results.values():
-            result.status = _status(result.counts)
+            result.status = status_of(result.counts)
         for result in results.values():  # blocked: it did not pass, and something it depends on failed
             deps = spec.requirements()[result.req].depends_on if result.req in spec.requirements() else ()
             if result.status in ("fail", "not run") and any(
@@ -90,7 +128,7 @@ class Results:
         return totals
 
 
-def _status(counts: dict) -> str:
+def status_of(counts: dict) -> str:
     if counts["failed"] or counts["unexpected pass"]:
         return "fail"
     if counts["expected fail"]:
@@ -131,9 +169,11 @@ def to_json(results: Results, implementation: dict, environment: dict) -> dict:
         "requirements": {
             req: {"status": r.status, "title": spec.requirements()[req].title if req in spec.requirements() else "",
                   "level": spec.requirements()[req].level if req in spec.requirements() else "",
-                  "counts": r.counts, "worst": r.worst, "widened": r.widened, "reasons": sorted(r.reasons),
-                  "failures": r.failures}
+                  "counts": r.counts, "axes": {axis: status_of(c) for axis, c in r.axes.items()},
+                  "worst": r.worst, "widened": r.widened, "reasons": sorted(r.reasons), "failures": r.failures}
             for req, r in by_req.items()},
+        "tests": [{"test": o.nodeid, "claims": o.reqs, "outcome": o.outcome, "held": o.held,
+                   "failed": o.failed_reqs(), "not_applicable": sorted(o.not_applicable)} for o in results.outcomes],
     }
 
 

@@ -1,6 +1,7 @@
 """Hypothesis strategies: they draw the structure of a case (model, config, seeds); values come from seeds.
 
-Every draw stays inside what the driver declares (its capabilities), and always targets at least one module.
+Every draw stays inside what the driver declares: models and target names come from its scope
+(conformance/scope.py), config features from its capabilities; `Run.draw` checks the whole case once more.
 """
 
 import functools
@@ -9,6 +10,7 @@ from typing import NamedTuple, Optional
 
 from hypothesis import strategies as st
 
+from . import scope
 from .models import ZOO, ZooModel
 
 
@@ -29,21 +31,13 @@ class Case(NamedTuple):
 seeds = st.integers(0, 2**31 - 1)
 
 
-def models(capabilities: frozenset[str], single_layer: Optional[bool] = None, kinds: Optional[set] = None):
-    """Zoo models with at least one targetable layer kind the driver supports (restricted to `kinds`)."""
-    usable = set(capabilities) if kinds is None else set(capabilities) & set(kinds)
-    names = [m.name for m in ZOO.values() if set(m.targets) & usable
-             and (single_layer is None or m.single_layer == single_layer)]
-    return st.sampled_from(sorted(names)).map(ZOO.get)
-
-
 @st.composite
-def lora_configs(draw, zoo_model: ZooModel, capabilities: frozenset[str], kinds: Optional[set] = None,
-                 extras: bool = True) -> dict:
-    """A LoraConfig dict for `zoo_model`. With extras=False: targets, r, alpha, rslora, dropout, init only."""
-    caps = set(capabilities)
-    usable = [kind for kind in zoo_model.targets if kind in caps and (kinds is None or kind in kinds)]
-    names = sorted({name for kind in usable for name in zoo_model.targets[kind]})
+def lora_configs(draw, zoo_model: ZooModel, driver, kinds: Optional[set] = None, extras: bool = True,
+                 overlap: bool = True) -> dict:
+    """A LoraConfig dict for `zoo_model`. With extras=False: targets, r, alpha, rslora, dropout, init only. With
+    overlap=False, no two pattern keys match the same module (peft's saved file reorders them: LORA-SER-006)."""
+    caps = set(driver.capabilities)
+    names = scope.targets_in_scope(driver, zoo_model.name, kinds)
     targets = draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True), label="targets")
     config = {"target_modules": targets, "r": draw(st.integers(1, 8), label="r"),
               "lora_alpha": draw(st.sampled_from([1, 2, 4, 8, 16, 0.5, 3.0]), label="lora_alpha"),
@@ -57,7 +51,7 @@ def lora_configs(draw, zoo_model: ZooModel, capabilities: frozenset[str], kinds:
         config["target_modules"] = r"(.*\.)?(" + "|".join(re.escape(t) for t in targets) + ")"
     if not extras:
         return config
-    has_embedding = any(kind == "embedding" for kind in usable if set(zoo_model.targets[kind]) & set(targets))
+    has_embedding = any(name in zoo_model.targets.get("embedding", ()) for name in targets)
     if "dora" in caps and draw(st.booleans(), label="use_dora"):
         config["use_dora"] = True
     elif "lora_bias" in caps and not has_embedding and config["init_lora_weights"] != "gaussian" \
@@ -70,12 +64,10 @@ def lora_configs(draw, zoo_model: ZooModel, capabilities: frozenset[str], kinds:
             and draw(st.booleans(), label="modules_to_save?"):
         config["modules_to_save"] = [draw(st.sampled_from(zoo_model.saveable), label="modules_to_save")]
     if "patterns" in caps and draw(st.booleans(), label="patterns?"):
-        key = re.escape(draw(st.sampled_from(targets), label="pattern key"))
-        config["rank_pattern"] = {key: draw(st.integers(1, 8), label="pattern r")}
-        config["alpha_pattern"] = {key: draw(st.sampled_from([1, 4, 32]), label="pattern alpha")}
+        config.update(draw(_patterns(zoo_model, targets, overlap), label="patterns"))
     # Only models whose blocks sit below the top level: peft <= 0.20 finds no layer index in "h.0.attn" or
     # "blocks.0.fc" even with layers_pattern, and test_layers_to_transform covers those on its own (LORA-MATCH-005).
-    nested = all(not name.startswith(zoo_model.layers_pattern + ".") for name in _module_names(zoo_model))
+    nested = all(not name.startswith(zoo_model.layers_pattern + ".") for name in _names(zoo_model.name))
     if "layers" in caps and nested and set(targets) & set(zoo_model.in_blocks) and \
             isinstance(config["target_modules"], list) and draw(st.booleans(), label="layers?"):
         config["layers_to_transform"] = draw(st.lists(st.sampled_from(zoo_model.layers), min_size=1,
@@ -85,8 +77,19 @@ def lora_configs(draw, zoo_model: ZooModel, capabilities: frozenset[str], kinds:
     return config
 
 
-def _module_names(zoo_model: ZooModel) -> list[str]:
-    return _names(zoo_model.name)
+@st.composite
+def _patterns(draw, zoo_model: ZooModel, targets: list[str], overlap: bool = True) -> dict:
+    """rank_pattern and alpha_pattern. Sometimes two keys match the same module (a target name and one module's
+    full name), in either order and independently for r and alpha, so that the first-match rule is exercised
+    (LORA-MATCH-009, LORA-MATCH-012)."""
+    target = draw(st.sampled_from(targets), label="pattern target")
+    keys = [re.escape(target)]
+    full_names = [n for n in _names(zoo_model.name) if n.endswith("." + target)]
+    if overlap and full_names and draw(st.booleans(), label="overlapping keys?"):
+        keys.append(re.escape(draw(st.sampled_from(full_names), label="specific key")))
+    rank_keys, alpha_keys = draw(st.permutations(keys), label="r keys"), draw(st.permutations(keys), label="a keys")
+    return {"rank_pattern": {key: draw(st.integers(1, 8), label="pattern r") for key in rank_keys},
+            "alpha_pattern": {key: draw(st.sampled_from([1, 4, 32]), label="pattern alpha") for key in alpha_keys}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,10 +100,33 @@ def _names(model: str) -> list[str]:
 
 
 @st.composite
-def cases(draw, capabilities: frozenset[str], single_layer: Optional[bool] = None, kinds: Optional[set] = None,
-          extras: bool = True, model: Optional[str] = None) -> Case:
-    """A whole example: a zoo model the driver can adapt, a config for it, and seeds."""
-    zoo_model = ZOO[model] if model else draw(models(capabilities, single_layer, kinds), label="model")
-    config = draw(lora_configs(zoo_model, capabilities, kinds, extras), label="config")
+def cases(draw, driver, single_layer: Optional[bool] = None, kinds: Optional[set] = None, extras: bool = True,
+          model: Optional[str] = None, overlap: bool = True) -> Case:
+    """A whole example: a zoo model in the driver's scope, a config for it, and seeds."""
+    names = [model] if model else scope.models_in_scope(driver, kinds, single_layer)
+    zoo_model = ZOO[draw(st.sampled_from(names), label="model")]
+    config = draw(lora_configs(zoo_model, driver, kinds, extras, overlap), label="config")
     return Case(zoo_model.name, config, draw(st.integers(0, 2), label="model_seed"), draw(seeds, label="init_seed"),
                 draw(seeds, label="values_seed"), draw(seeds, label="inputs_seed"))
+
+
+def overlap_candidates(driver) -> list[tuple[str, str]]:
+    """(model, target) pairs in the driver's scope where a target name and a module's full name differ."""
+    kinds = {"linear", "conv1d"}
+    return [(m, t) for m in scope.models_in_scope(driver, kinds, single_layer=False)
+            for t in scope.targets_in_scope(driver, m, kinds) if any(n.endswith("." + t) for n in _names(m))]
+
+
+@st.composite
+def overlapping_patterns(draw, driver) -> Case:
+    """A case whose rank_pattern and alpha_pattern each hold two keys matching one module: a target name and that
+    module's full name, in drawn orders (LORA-MATCH-012, LORA-SER-006)."""
+    model, target = draw(st.sampled_from(overlap_candidates(driver)), label="model and target")
+    module = draw(st.sampled_from([n for n in _names(model) if n.endswith("." + target)]), label="module")
+    keys = [re.escape(target), re.escape(module)]
+    ranks = draw(st.lists(st.integers(1, 6), min_size=2, max_size=2, unique=True), label="ranks")
+    config = {"target_modules": [target], "r": 8, "lora_alpha": 8,
+              "rank_pattern": dict(zip(draw(st.permutations(keys), label="r order"), ranks)),
+              "alpha_pattern": dict(zip(draw(st.permutations(keys), label="alpha order"), (2, 32)))}
+    return Case(model, config, 0, draw(seeds, label="init_seed"), draw(seeds, label="values_seed"),
+                draw(seeds, label="inputs_seed"))

@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import spec
-from .report import Results, worst_text
+from .report import Results, status_of, worst_text
 
 STYLES = {"pass": "green", "fail": "bold red", "blocked": "yellow", "expected fail": "magenta",
           "not applicable": "dim", "not run": "dim"}
@@ -29,6 +29,9 @@ def render(results: Results, title: str, width: int = 120, color: bool = False) 
         if result.status in ("not applicable", "not run", "expected fail") and result.reasons:
             detail = "; ".join(sorted(result.reasons))
         status = result.status + (" (widened)" if result.widened and result.status == "pass" else "")
+        by_axis = {axis: status_of(counts) for axis, counts in result.axes.items()}
+        if len(set(by_axis.values())) > 1:  # say which axis differs: "fail (cpu/bfloat16)"
+            status += " (" + ", ".join(a for a, s in by_axis.items() if s == result.status) + ")"
         table.add_row(req, info.level if info else "", f"[{STYLES[result.status]}]{status}[/]", tests,
                       escape(detail), escape(info.title) if info else "")
     totals = results.summary()

@@ -24,6 +24,8 @@ class LoraLayer(nn.Module):
     Subclasses say how to build the factors (`add_adapter`), what the delta weight is (`delta_from_factors`)
     and how the adapter output is added (`adapter_output`)."""
 
+    rounds_delta_on_merge = False  # see _fold
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
@@ -75,11 +77,10 @@ class LoraLayer(nn.Module):
 
         Spec: LORA-MERGE-001."""
         A, B = self.factors(name)
-        half_on_cpu = B.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
-        if half_on_cpu:
+        dtype = B.dtype
+        if B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
             A, B = A.float(), B.float()
-        delta = self.out_first(self.delta_from_factors(A, B)) * self.scaling[name]
-        return delta.to(B.dtype) if half_on_cpu else delta
+        return (self.out_first(self.delta_from_factors(A, B)) * self.scaling[name]).to(dtype)
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weight; safe_merge checks for NaN/Inf first. Spec: LORA-MERGE-005."""
@@ -87,7 +88,8 @@ class LoraLayer(nn.Module):
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            weight = self.merged_weight(name, base.weight.data.clone() if safe_merge else base.weight.data)
+            weight = self.merged_weight(name, base.weight.data.clone() if safe_merge else base.weight.data,
+                                        round_delta=safe_merge or self.rounds_delta_on_merge)
             bias = self.lora_bias_after_merge(name, sign=1)
             if safe_merge and not all(torch.isfinite(t).all() for t in (weight, bias) if t is not None):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -105,25 +107,27 @@ class LoraLayer(nn.Module):
             if bias is not None:
                 self.base_layer.bias.data = bias
 
-    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, name: str, weight: torch.Tensor, round_delta: bool = False) -> torch.Tensor:
         if name in self.lora_magnitude_vector:
             return dora.merged_weight(self, name, weight)
-        return self._fold(name, weight, sign=1)
+        return self._fold(name, weight, sign=1, round_delta=round_delta)
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name in self.lora_magnitude_vector:
             return dora.unmerged_weight(self, name, weight)
-        return self._fold(name, weight, sign=-1)
+        return self._fold(name, weight, sign=-1, round_delta=True)
 
-    def _fold(self, name: str, weight: torch.Tensor, sign: int) -> torch.Tensor:
+    def _fold(self, name: str, weight: torch.Tensor, sign: int, round_delta: bool) -> torch.Tensor:
         """weight += sign * s * BA, in one addmm_ pass when the layout and dtypes allow (no temporary of the
-        weight's size), else through delta_weight."""
+        weight's size), else through delta_weight. On a half-precision weight, peft rounds the float32 delta to the
+        weight's dtype before adding it when it unmerges, merges safely or merges an Embedding, and adds it unrounded
+        (one rounding) otherwise; the last bit of the merged weight depends on it. Spec: LORA-MERGE-009."""
         A, B = self.factors(name)
         operands = self.fold_operands(A, B)
         if operands is not None and weight.dtype == A.dtype == B.dtype and weight.device == A.device:
             return weight.addmm_(*operands, alpha=sign * self.scaling[name])
-        weight += sign * self.delta_weight(name).to(weight.dtype)
-        return weight
+        delta = self.delta_weight(name)
+        return weight.add_(delta.to(weight.dtype) if round_delta else delta, alpha=sign)
 
     def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
         """(left, right) with left @ right = BA in the stored weight's layout, or None (conv)."""
@@ -135,7 +139,8 @@ class LoraLayer(nn.Module):
             return None
         if getattr(self.base_layer, 'bias', None) is None:
             raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-        return self.base_layer.bias.data + sign * self.lora_B[name].bias * self.scaling[name]
+        bias = self.base_layer.bias.data
+        return (bias + sign * self.lora_B[name].bias * self.scaling[name]).to(bias.dtype)  # the base keeps its dtype
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Spec: LORA-FWD-001, LORA-FWD-005, LORA-FWD-007, LORA-MULTI-004."""
@@ -269,6 +274,8 @@ class Conv(Linear):
 
 class Embedding(LoraLayer):
     """LoRA for nn.Embedding: A (r, vocab) is looked up like an embedding table, then projected by B (dim, r)."""
+
+    rounds_delta_on_merge = True  # see LoraLayer._fold
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)

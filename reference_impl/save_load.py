@@ -90,7 +90,9 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> 
     config_tmp = directory / f".{CONFIG_NAME}.{os.getpid()}.tmp"
     try:
         save_file(tensors, weights_tmp, metadata={"format": "pt"})
-        config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+        # Top-level keys come sorted (LoraConfig.to_dict); nested ones keep their order. peft sorts those too, which
+        # reorders rank_pattern / alpha_pattern and so changes which key wins when the file is loaded. LORA-SER-006.
+        config_tmp.write_text(json.dumps(config, indent=2))
         (directory / CONFIG_NAME).unlink(missing_ok=True)
         os.replace(weights_tmp, directory / WEIGHTS_NAME)
         os.replace(config_tmp, directory / CONFIG_NAME)

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -61,6 +62,57 @@ def test_check_adapter_sees_targets_without_tensors(adapter):
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn", "c_fc"]}))
     result = runner.invoke(app, ["check-adapter", str(adapter)])
     assert result.exit_code == 1 and "selects 'transformer.h.0.mlp.c_fc' but the file has no tensors" in result.output
+
+
+def test_check_adapter_says_a_missing_directory_is_missing(tmp_path):
+    result = runner.invoke(app, ["check-adapter", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "nowhere: no such file or directory" in result.output
+    assert result.output.count("ERROR") == 1
+
+
+def _mlx(folder):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {
+        "rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["c_attn"]}}))
+    save_file({"transformer.h.0.attn.c_attn.lora_a": torch.zeros(32, 4)}, folder / "adapters.safetensors")
+
+
+def _kohya(folder):
+    folder.mkdir()
+    save_file({"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(32, 4),
+               "lora_unet_down_blocks_0_attn1_to_q.alpha": torch.tensor(4.0)}, folder / "my_lora.safetensors",
+              metadata={"ss_network_module": "networks.lora"})
+
+
+def _adapterhub(folder):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"config": {"architecture": "lora", "r": 8},
+                                                            "model_class": "GPT2LMHeadModel", "name": "mine"}))
+    (folder / "pytorch_adapter.bin").write_bytes(b"not read")
+
+
+def _diffusers(folder):
+    folder.mkdir()
+    save_file({"unet.down_blocks.0.attentions.0.to_q.lora_A.weight": torch.zeros(4, 32)},
+              folder / "pytorch_lora_weights.safetensors")
+
+
+def _torchtune(folder):
+    folder.mkdir()
+    (folder / "adapter_0.pt").write_bytes(b"not read")
+
+
+@pytest.mark.parametrize("make, tool", [(_mlx, "mlx-lm"), (_kohya, "kohya-ss"), (_adapterhub, "AdapterHub"),
+                                        (_diffusers, "diffusers"), (_torchtune, "torchtune")])
+def test_check_adapter_recognises_other_tools_files(tmp_path, make, tool):
+    make(tmp_path / "adapter")
+    result = runner.invoke(app, ["check-adapter", str(tmp_path / "adapter"), "--json"])
+    assert result.exit_code == 1
+    findings = json.loads(result.output)["findings"]
+    assert len(findings) == 1 and findings[0]["code"] == "format.foreign", findings  # one verdict, no symptoms
+    message = findings[0]["message"]
+    assert tool in message and "peft's PeftModel.from_pretrained cannot load it" in message
 
 
 def test_check_adapter_unknown_base_is_a_usage_error(adapter):

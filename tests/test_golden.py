@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conformance import golden
+from conformance import golden, spec
 from tests.conftest import ROOT, run_suite
 
 
@@ -59,7 +59,12 @@ def test_generate_refuses_to_overwrite_and_records_a_new_version(tmp_path):
     with pytest.raises(FileExistsError, match="never rewritten"):
         golden.generate(copy, "v1")
     version, changed = golden.generate(copy)
-    assert version == "v2" and changed == ["no change"]  # same peft, torch and transformers: same bytes
+    # Same peft, torch and transformers: the same keys, tensors and configs. Logits may move in the last bits on
+    # another CPU (vector kernels differ), never beyond the tolerance class the gate applies.
+    assert version == "v2"
+    moved = [line for line in changed if line != "no change"]
+    assert all(" logits moved by " in line for line in moved), moved
+    assert all(float(line.rsplit(" ", 1)[1]) <= spec.tolerances()["golden"].atol for line in moved), moved
     assert golden.verify(copy) == []
     assert (copy / "v1").exists() and golden.read_lock(copy).keys() >= golden.read_lock(ROOT / "fixtures").keys()
 

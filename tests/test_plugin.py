@@ -1,11 +1,15 @@
 """The pytest plugin: options, errors, expectations, reports, xdist."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_suite
+from tests.conftest import ROOT, run_suite
 
 FWD = ("--pyargs", "conformance.suite.test_fwd")
 
@@ -109,3 +113,79 @@ def test_a_broken_implementation_fails_its_tests_and_the_run_reports(mutant, mes
     data = json.loads(report.read_text())
     assert data["requirements"]["LORA-FWD-001"]["status"] == "fail"
     assert "requirements:" in result.stdout  # the run reached its summary
+
+
+def test_peft_impl_accepts_a_file_path(tmp_path):
+    report = tmp_path / "report.json"
+    result = run_suite(*FWD, f"--peft-impl={ROOT / 'tests' / 'split_driver.py'}:SplitLoraDriver",
+                       f"--peft-report={report}", "-k", "output_matches_peft")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert json.loads(report.read_text())["requirements"]["LORA-FWD-006"]["status"] == "pass"
+
+
+def test_the_reproduce_command_runs_when_pasted(tmp_path):
+    report = tmp_path / "report.json"
+    run_suite(*FWD, "--peft-impl=tests.mutants:WrongScaling", f"--peft-report={report}", "-k", "linear_layer")
+    repro = json.loads(report.read_text())["requirements"]["LORA-FWD-001"]["failures"][0]["repro"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PEFT_CONFORMANCE_IMPL")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the `pytest` of this environment
+    pasted = subprocess.run(["bash", "-c", repro], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert pasted.returncode == 1, pasted.stdout[-2000:] + pasted.stderr[-2000:]
+    assert "LORA-FWD-001 failed" in pasted.stdout
+
+
+def test_distinct_failures_are_charged_to_their_own_requirements(tmp_path):
+    report = tmp_path / "report.json"
+    result = run_suite("--pyargs", "conformance.suite.test_ser::test_saved_files_hold_the_live_tensors",
+                       "--peft-impl=tests.mutants:SavesBrokenFilesByModel", "--peft-profile=ci",
+                       f"--peft-report={report}")
+    assert result.returncode == 1
+    requirements = json.loads(report.read_text())["requirements"]
+    metadata, tensors = requirements["LORA-SER-001"]["failures"], requirements["LORA-SER-002"]["failures"]
+    assert requirements["LORA-SER-001"]["status"] == requirements["LORA-SER-002"]["status"] == "fail"
+    assert "safetensors metadata" in metadata[0]["message"] and "GPT2" not in metadata[0]["message"]
+    assert "dtype torch.float16" in tensors[0]["message"]
+    assert "gpt2" in metadata[0]["example"] and "gpt2" not in tensors[0]["example"]
+
+
+def test_the_dtype_axis_runs_and_is_reported_per_axis(tmp_path):
+    report = tmp_path / "report.json"
+    result = run_suite(*FWD, "--peft-impl=reference", "--peft-dtype=float32,bfloat16", f"--peft-report={report}",
+                       "-k", "output_matches_peft or linear_layer_formula")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "test_output_matches_peft[cpu-bfloat16]" in result.stdout or "2 passed" not in result.stdout
+    requirements = json.loads(report.read_text())["requirements"]
+    assert requirements["LORA-FWD-006"]["axes"] == {"cpu/float32": "pass", "cpu/bfloat16": "pass"}
+    assert requirements["LORA-FWD-001"]["axes"] == {"cpu/float32": "pass"}  # the spec checks it in float32 only
+
+
+def test_an_expectation_scoped_to_some_draws(tmp_path):
+    scoped = tmp_path / "scoped.toml"
+    scoped.write_text('[[expect]]\nreq = "LORA-FWD-006"\nstatus = "fail"\nwhen = { use_rslora = true }\n'
+                      'reason = "rsLoRA is not supported: scaling stays alpha / r"\n')
+    report = tmp_path / "report.json"
+    args = ("--pyargs", "conformance.suite.test_fwd::test_output_matches_peft",
+            "--peft-impl=tests.mutants:RsloraIgnored", "--peft-profile=ci")
+    result = run_suite(*args, f"--peft-expectations={scoped}", f"--peft-report={report}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    entry = json.loads(report.read_text())["requirements"]["LORA-FWD-006"]
+    assert entry["status"] == "expected fail" and entry["counts"]["expected fail"] == 1
+    too_narrow = tmp_path / "narrow.toml"  # rsLoRA fails on every model: a failure outside `when` is a real one
+    too_narrow.write_text('[[expect]]\nreq = "LORA-FWD-006"\nstatus = "fail"\n'
+                          'when = { use_rslora = true, model = "mlp" }\nreason = "believed to fail on the MLP only"\n')
+    report = tmp_path / "narrow.json"
+    result = run_suite(*args, f"--peft-expectations={too_narrow}", f"--peft-report={report}")
+    assert result.returncode == 1, result.stdout[-2000:]
+    failures = json.loads(report.read_text())["requirements"]["LORA-FWD-006"]["failures"]
+    assert failures and "mlp" not in failures[0]["example"]
+
+
+def test_a_driver_with_unexpected_keys_fails_a_requirement_not_the_suite(tmp_path):
+    report = tmp_path / "report.json"
+    result = run_suite("--pyargs", "conformance.suite.test_err", "--peft-impl=tests.mutants:UnexpectedSavedKeys",
+                       f"--peft-report={report}")
+    assert result.returncode == 1
+    assert "StopIteration" not in result.stdout and "KeyError" not in result.stdout
+    requirements = json.loads(report.read_text())["requirements"]
+    assert requirements["LORA-KEYS-001"]["status"] == "fail"
+    assert "holds no key ending in" in requirements["LORA-KEYS-001"]["failures"][0]["message"]

@@ -9,6 +9,7 @@ import pytest
 
 import conformance.suite
 from conformance import api, spec
+from tests.claims import claims_and_bindings
 from tests.conftest import ROOT
 
 REQ_IN_MARKER = re.compile(r"mark\.req\(([^)]*)\)")
@@ -47,6 +48,46 @@ def test_every_suite_test_names_its_requirements():
     missing = [name for name, function in _suite_tests()
                if not any(mark.name == "req" for mark in getattr(function, "pytestmark", []))]
     assert not missing, f"conformance tests without @pytest.mark.req: {missing}"
+
+
+def test_no_test_claims_a_requirement_it_never_asserts():
+    overclaims = {}
+    for path in (ROOT / "conformance" / "suite").glob("test_*.py"):
+        for test, (claimed, bound) in claims_and_bindings(path.read_text()).items():
+            if claimed - bound:
+                overclaims[f"{path.name}::{test}"] = sorted(claimed - bound)
+            assert bound <= claimed, f"{path.name}::{test} asserts {sorted(bound - claimed)} without claiming them"
+    assert not overclaims, f"tests claim requirements no assertion of theirs is bound to: {overclaims}"
+
+
+PLANTED = """
+@pytest.mark.req("LORA-FWD-001", "LORA-FWD-002")
+def test_claims_two_and_checks_one(run):
+    run.check(output_ok(), "the output", req="LORA-FWD-001")
+
+
+@pytest.mark.req("LORA-MERGE-001")
+def test_checks_through_a_helper(run):
+    _helper(run)
+
+
+def _helper(run):
+    run.close(merged(), expected(), "merged weight")
+"""
+
+
+def test_the_over_claim_check_catches_a_planted_test():
+    found = claims_and_bindings(PLANTED)
+    claimed, bound = found["test_claims_two_and_checks_one"]
+    assert claimed - bound == {"LORA-FWD-002"}
+    assert found["test_checks_through_a_helper"] == ({"LORA-MERGE-001"}, {"LORA-MERGE-001"})
+
+
+def test_applicability_comes_from_the_registry_alone():
+    """No capability is declared outside requirements.toml: no `needs` markers, no golden manifest lookups."""
+    sources = [p.read_text() for p in (ROOT / "conformance").rglob("*.py")]
+    assert not any("mark.needs" in s for s in sources), "capabilities belong in requirements.toml"
+    assert not any('manifest["needs"]' in s for s in sources), "golden cases apply by their config (scope.py)"
 
 
 def test_every_must_requirement_has_a_test():

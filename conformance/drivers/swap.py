@@ -51,6 +51,14 @@ class SwapDriver:
 
     # --- injection -----------------------------------------------------------------------------------------
 
+    def supports(self, model: nn.Module, config: dict):
+        """The driver's scope (conformance.api): the config fields this library has an equivalent for."""
+        try:
+            self.checked(config, "default")
+        except ValueError as error:
+            return str(error)
+        return None
+
     def checked(self, config: dict, adapter_name: str) -> dict:
         if adapter_name != "default":
             raise ValueError(f"{self.name} holds one adapter per layer: only adapter_name='default'")

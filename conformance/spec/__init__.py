@@ -17,6 +17,8 @@ HERE = Path(__file__).parent
 LEVELS = ("MUST", "SHOULD")
 COMPARISONS = ("exact", "close", "structural")
 SCOPES = ("driver", "reference", "plugin")
+DTYPES = ("float32", "bfloat16", "float16")
+HALF_PRECISION_CLASSES = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,14 @@ class Requirement:
     notes: str = ""
     versions: str = ""
     deprecated: bool = False
+    dtypes: tuple[str, ...] = ("float32",)  # the base-model dtypes it is checked in (--peft-dtype)
+
+    def tolerance_class(self, dtype: str = "float32") -> str:
+        """The class a comparison of this requirement uses on a base model of `dtype`: its own in float32 (and
+        "exact" and structural comparisons stay exact in every dtype); bf16 or fp16 for a half-precision base."""
+        if self.comparison != "close" or self.tolerance == "exact":
+            return "exact"
+        return self.tolerance if dtype == "float32" else HALF_PRECISION_CLASSES[dtype]
 
     @property
     def area(self) -> str:
@@ -103,6 +113,8 @@ def render_markdown() -> str:
                 facts.append("needs: " + ", ".join(f"`{c}`" for c in req.capabilities))
             if req.depends_on:
                 facts.append("depends on: " + ", ".join(f"[{d}](#{d.lower()})" for d in req.depends_on))
+            if req.dtypes != ("float32",):
+                facts.append("base dtypes: " + ", ".join(req.dtypes))
             lines += ["- " + "; ".join(facts), f"- source: {req.source}"]
             lines += [f"- {label}: {text}" for label, text in
                       (("peft quirk", req.quirk), ("note", req.notes), ("other peft releases", req.versions)) if text]

@@ -1,29 +1,33 @@
-"""CFG: invalid hyper-parameters are refused."""
+"""CFG: invalid hyper-parameters are refused, on a model and target in the driver's scope."""
 
 import pytest
 
 from conformance import models
 
+REFUSALS = (ValueError, NotImplementedError, TypeError)
 INVALID = {
-    "r=0": {"r": 0},
-    "r=-1": {"r": -1},
-    "bias='foo'": {"bias": "foo"},
-    "init_lora_weights='foo'": {"init_lora_weights": "foo"},
-    "lora_dropout=1.5": {"lora_dropout": 1.5},
-    "layers_pattern alone": {"layers_pattern": "h"},
-    "layers_to_transform with a regex": {"target_modules": ".*c_attn", "layers_to_transform": [0]},
+    "r=0": lambda target: {"r": 0},
+    "r=-1": lambda target: {"r": -1},
+    "bias='foo'": lambda target: {"bias": "foo"},
+    "init_lora_weights='foo'": lambda target: {"init_lora_weights": "foo"},
+    "lora_dropout=1.5": lambda target: {"lora_dropout": 1.5},
+    "layers_pattern alone": lambda target: {"layers_pattern": "h"},
+    "layers_to_transform with a regex": lambda target: {"target_modules": f".*{target}", "layers_to_transform": [0]},
 }
 
 
 @pytest.mark.req("LORA-CFG-002")
 @pytest.mark.parametrize("change", INVALID.values(), ids=INVALID.keys())
-def test_invalid_values_are_rejected(impl, change):
-    config = {"target_modules": ["c_attn"], **change}
-    with pytest.raises((ValueError, NotImplementedError, TypeError)):
-        impl.wrap(models.build("gpt2-tiny"), config)
+def test_invalid_values_are_rejected(run, change):
+    model_name, target = run.fixed_target()
+    config = {"target_modules": [target], **change(target)}
+    run.fixed(model_name, {"target_modules": [target]})
+    run.raises(REFUSALS, lambda: run.impl.wrap(models.build(model_name), config), f"wrapping with {config}")
 
 
 @pytest.mark.req("LORA-CFG-003")
-def test_unknown_task_type_is_rejected(impl):
-    with pytest.raises(ValueError):
-        impl.wrap(models.build("gpt2-tiny"), {"target_modules": ["c_attn"], "task_type": "FOO"})
+def test_unknown_task_type_is_rejected(run):
+    model_name, target = run.fixed_target()
+    run.fixed(model_name, {"target_modules": [target]})
+    config = {"target_modules": [target], "task_type": "FOO"}
+    run.raises(ValueError, lambda: run.impl.wrap(models.build(model_name), config), f"wrapping with {config}")

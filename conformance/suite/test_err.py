@@ -1,4 +1,5 @@
-"""ERR: broken adapter files are refused, not loaded into a model that computes garbage."""
+"""ERR: broken adapter files are refused, not loaded into a model that computes garbage. Each test breaks a file
+the driver itself saved for a model and target in its scope."""
 
 import warnings
 
@@ -6,73 +7,75 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conformance import checks, harness, models
+from conformance import harness, models
 from conformance.strategies import Case
 
-pytestmark = pytest.mark.needs("save_load", "linear")
-CASE = Case("mlp", {"target_modules": ["fc"], "r": 4, "lora_alpha": 8})
 WEIGHTS = "adapter_model.safetensors"
 
 
-def _saved(impl, directory) -> dict:
-    mine, _ = harness.adapted_pair(impl, None, CASE, "cpu")
-    impl.save(mine.model, str(directory))
-    return load_file(directory / WEIGHTS)
+def _saved(run, directory) -> tuple[Case, dict]:
+    """Save a small adapter of the driver's scope (non-zero values) and return its case and tensors."""
+    model_name, target = run.fixed_target()
+    case = run.fixed(model_name, {"target_modules": [target], "r": 4, "lora_alpha": 8})
+    mine = run.adapted(case)
+    run.impl.save(mine.model, str(directory))
+    run.require((directory / WEIGHTS).is_file(), "LORA-SER-001", f"save wrote no {WEIGHTS}")
+    return case, load_file(directory / WEIGHTS)
 
 
-def _load(impl, directory):
-    return impl.load(models.build("mlp"), str(directory))
+def _factor_key(run, tensors: dict, suffixes: tuple) -> str:
+    """A saved factor's key; none (keys not peft's) fails LORA-KEYS-001 rather than the test."""
+    keys = sorted(k for k in tensors if k.endswith(suffixes))
+    run.require(bool(keys), "LORA-KEYS-001", f"the saved file holds no key ending in {suffixes}: {sorted(tensors)[:4]}")
+    return keys[0]
+
+
+def _load(run, case: Case, directory):
+    return run.impl.load(models.build(case.model), str(directory))
 
 
 @pytest.mark.req("LORA-ERR-011")
-def test_truncated_file_is_refused(impl, tmp_path):
-    _saved(impl, tmp_path)
+def test_truncated_file_is_refused(run, tmp_path):
+    case, _ = _saved(run, tmp_path)
     data = (tmp_path / WEIGHTS).read_bytes()
     (tmp_path / WEIGHTS).write_bytes(data[: len(data) // 2])
-    try:
-        _load(impl, tmp_path)
-    except Exception:  # any clear refusal will do; the next line is reached only by a silent load
-        return
-    checks.fail("LORA-ERR-011", "a truncated adapter_model.safetensors loaded without an error")
+    run.raises(Exception, lambda: _load(run, case, tmp_path), "loading a truncated adapter_model.safetensors")
 
 
 @pytest.mark.req("LORA-ERR-012")
-def test_wrong_shape_is_refused(impl, tmp_path):
-    tensors = _saved(impl, tmp_path)
-    key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
-    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+def test_wrong_shape_is_refused(run, tmp_path):
+    case, tensors = _saved(run, tmp_path)
+    key = _factor_key(run, tensors, ("lora_A.weight", "lora_embedding_A"))
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, *tensors[key].shape[1:])
     save_file(tensors, tmp_path / WEIGHTS, metadata={"format": "pt"})
-    try:
-        _load(impl, tmp_path)
-    except Exception:
-        return
-    checks.fail("LORA-ERR-012", f"{key} with shape {tuple(tensors[key].shape)} loaded without an error")
+    run.raises(Exception, lambda: _load(run, case, tmp_path), f"loading {key} with shape {tuple(tensors[key].shape)}")
 
 
-def _refused_or_warned(impl, directory, key: str, req: str, what: str) -> None:
+def _refused_or_warned(run, case: Case, directory, key: str, what: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            _load(impl, directory)
+            _load(run, case, directory)
+            refused = False
         except Exception:
-            return
+            refused = True
     named = [str(w.message) for w in caught if key in str(w.message)]
-    checks.check(bool(named), req, f"{what} loaded silently (no error, no warning naming {key})")
+    run.check(refused or bool(named), f"{what} loaded silently (no error, no warning naming {key})")
 
 
 @pytest.mark.req("LORA-ERR-013")
-def test_tensors_for_absent_modules_are_not_ignored_silently(impl, tmp_path):
-    tensors = _saved(impl, tmp_path)
-    key = "base_model.model.blocks.7.fc.lora_A.weight"
+def test_tensors_for_absent_modules_are_not_ignored_silently(run, tmp_path):
+    case, tensors = _saved(run, tmp_path)
+    key = f"{harness.PREFIX}no_such_block.7.fc.lora_A.weight"
     tensors[key] = torch.zeros(4, 16)
     save_file(tensors, tmp_path / WEIGHTS, metadata={"format": "pt"})
-    _refused_or_warned(impl, tmp_path, key, "LORA-ERR-013", "a tensor for module blocks.7.fc (absent)")
+    _refused_or_warned(run, case, tmp_path, key, "a tensor for module no_such_block.7.fc (absent)")
 
 
 @pytest.mark.req("LORA-ERR-014")
-def test_nan_values_are_not_loaded_silently(impl, tmp_path):
-    tensors = _saved(impl, tmp_path)
-    key = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
-    tensors[key][0, 0] = float("nan")
+def test_nan_values_are_not_loaded_silently(run, tmp_path):
+    case, tensors = _saved(run, tmp_path)
+    key = _factor_key(run, tensors, ("lora_B.weight", "lora_embedding_B"))
+    tensors[key].view(-1)[0] = float("nan")
     save_file(tensors, tmp_path / WEIGHTS, metadata={"format": "pt"})
-    _refused_or_warned(impl, tmp_path, key, "LORA-ERR-014", "a NaN in " + key)
+    _refused_or_warned(run, case, tmp_path, key, "a NaN in " + key)

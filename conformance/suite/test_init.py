@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, harness
-from conformance.strategies import cases
+from conformance import harness, models
+
+PREFIX = harness.PREFIX
 
 
 def _expected_shapes(layer: torch.nn.Module, r: int) -> dict[str, tuple]:
@@ -26,85 +27,98 @@ def _expected_shapes(layer: torch.nn.Module, r: int) -> dict[str, tuple]:
 
 @pytest.mark.req("LORA-INIT-001")
 @given(data=st.data())
-def test_factor_shapes(impl, device, data):
-    case = data.draw(cases(impl.capabilities, single_layer=True, extras=False), label="case")
-    mine = harness.wrap(impl, case, device, torch.float32)
-    shapes = {k.removeprefix("base_model.model.layer."): tuple(v.shape)
-              for k, v in impl.adapter_state_dict(mine.model).items()}
-    expected = _expected_shapes(mine.base().layer, case.config["r"])
-    checks.check(shapes == expected, "LORA-INIT-001", f"adapter shapes {shapes}, expected {expected}")
+def test_factor_shapes(run, device, data):
+    case = run.draw(data, extras=False)
+    state, base = run.initial_state(case), models.build(case.model)
+    for path in sorted(harness.adapted_modules(state)):
+        shapes = {k.removeprefix(f"{PREFIX}{path}."): tuple(v.shape) for k, v in state.items()
+                  if k.startswith(f"{PREFIX}{path}.lora_")}
+        expected = _expected_shapes(base.get_submodule(path), case.config["r"])
+        run.check(shapes == expected, f"{path}: adapter shapes {shapes}, expected {expected}")
 
 
 @pytest.mark.req("LORA-INIT-002")
 @given(data=st.data())
-def test_fresh_adapter_is_a_no_op(impl, device, data):
-    case = data.draw(cases(impl.capabilities, extras=False), label="case")
-    inits = [True, "gaussian"] if "init_variants" in impl.capabilities else [True]
-    case = harness.with_config(case, init_lora_weights=data.draw(st.sampled_from(inits), label="init"))
-    mine = harness.wrap(impl, case, device, torch.float32)
-    checks.equal(mine.output(), mine.output(mine.base()), "LORA-INIT-002", "output of a fresh adapter vs the base")
+def test_fresh_adapter_is_a_no_op(run, device, dtype, data):
+    inits = [True, "gaussian"] if "init_variants" in run.impl.capabilities else [True]
+    init = data.draw(st.sampled_from(inits), label="init")
+    mine = run.wrap(run.draw(data, extras=False, config={"init_lora_weights": init}))
+    run.equal(mine.output(), mine.output(mine.base()), "output of a fresh adapter vs the base")
 
 
 @pytest.mark.req("LORA-INIT-003")
-@pytest.mark.needs("init_rng")
-@pytest.mark.oracle
 @given(data=st.data())
-def test_initial_values_match_peft_for_the_same_seed(impl, oracle, device, data):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine = harness.initial_state(impl, case, device)
-    theirs = harness.initial_state(oracle, case, device)
-    checks.same_keys(mine, theirs, "LORA-KEYS-001", "adapter keys")
+def test_initial_values_match_peft_for_the_same_seed(run, device, data):
+    case = run.draw(data)
+    theirs = run.initial_state(case, run.oracle)
+    mine = run.initial_state(case)
+    run.require(set(mine) == set(theirs), "LORA-KEYS-001", f"adapter keys differ from peft's: "
+                                                           f"{sorted(set(mine) ^ set(theirs))[:6]}")
     for key in sorted(theirs):
         if not key.endswith("lora_magnitude_vector"):  # a norm, computed: LORA-INIT-008 compares it
-            checks.equal(mine[key].detach(), theirs[key].detach(), "LORA-INIT-003", f"initial {key}")
+            run.equal(mine[key].detach(), theirs[key].detach(), f"initial {key}")
 
 
 @pytest.mark.req("LORA-INIT-005")
-@pytest.mark.needs("init_variants")
 @given(data=st.data())
-def test_init_false_keeps_constructor_values(impl, device, data):
-    case = harness.with_config(data.draw(cases(impl.capabilities, extras=False), label="case"),
-                               init_lora_weights=False)
-    mine = harness.wrap(impl, case, device, torch.float32)
-    for key, tensor in impl.adapter_state_dict(mine.model).items():
-        checks.check(bool(tensor.detach().abs().sum() > 0), "LORA-INIT-005", f"{key} is all zeros")
-    checks.check(not torch.equal(mine.output(), mine.output(mine.base())), "LORA-INIT-005",
-                 "with init_lora_weights=False the output equals the base output")
+def test_init_false_keeps_constructor_values(run, device, data):
+    mine = run.wrap(run.draw(data, extras=False, config={"init_lora_weights": False}))
+    for key, tensor in run.peft_state(mine.model).items():
+        run.check(bool(tensor.detach().abs().sum() > 0), f"{key} is all zeros")
+    run.check(not torch.equal(mine.output(), mine.output(mine.base())),
+              "with init_lora_weights=False the output equals the base output")
 
 
 @pytest.mark.req("LORA-INIT-006")
-@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-def test_adapters_on_base_device_in_float32(impl, device, data, dtype):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine = harness.wrap(impl, case, device, dtype)
-    for key, tensor in impl.adapter_state_dict(mine.model).items():
-        checks.check(tensor.device.type == torch.device(device).type, "LORA-INIT-006",
-                     f"{key} is on {tensor.device}, the base model on {device}")
+@given(data=st.data(), half=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_adapters_on_base_device_in_float32(run, device, data, half):
+    mine = run.wrap(run.draw(data), dtype=half)
+    for key, tensor in run.impl.adapter_state_dict(mine.model).items():
+        run.check(tensor.device.type == torch.device(device).type,
+                  f"{key} is on {tensor.device}, the base model on {device}")
         if ".lora_" in key and tensor.is_floating_point():
-            checks.check(tensor.dtype == torch.float32, "LORA-INIT-006",
-                         f"{key} is {tensor.dtype} on a {dtype} base; peft upcasts adapters to float32")
+            run.check(tensor.dtype == torch.float32, f"{key} is {tensor.dtype} on a {half} base; peft upcasts "
+                                                     "adapters to float32")
 
 
 @pytest.mark.req("LORA-INIT-007")
 @given(data=st.data())
-def test_injection_is_in_place(impl, device, data):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine = harness.wrap(impl, case, device, torch.float32)
+def test_injection_is_in_place(run, device, data):
+    mine = run.wrap(run.draw(data))
     wrapped = {id(p) for p in mine.model.parameters()}  # the originals are alive in original_params: ids unique
     copied = [name for name, p in mine.original_params.items() if id(p) not in wrapped]
-    checks.check(not copied, "LORA-INIT-007", f"base parameters replaced by copies: {copied[:5]}")
+    run.check(not copied, f"base parameters replaced by copies: {copied[:5]}")
+
+
+def _weight_out_in(layer: torch.nn.Module) -> torch.Tensor:
+    """The base weight with one row per output feature: (out, in, ...)."""
+    return layer.weight if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) else layer.weight.T
 
 
 @pytest.mark.req("LORA-INIT-008")
-@pytest.mark.needs("dora")
 @given(data=st.data())
-def test_dora_magnitude_starts_at_the_weight_norm(impl, device, data):
-    case = data.draw(cases(impl.capabilities, single_layer=True, extras=False), label="case")
-    case = harness.with_config(case, use_dora=True, init_lora_weights=True)
-    mine = harness.wrap(impl, case, device, torch.float32)
-    magnitude = impl.adapter_state_dict(mine.model)["base_model.model.layer.lora_magnitude_vector"].detach()
-    layer = mine.base().layer
-    weight = layer.weight if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) else layer.weight.T
-    expected = weight.flatten(1).norm(dim=1)  # one norm per output feature, (out, in, ...) orientation
-    checks.close(magnitude.flatten(), expected, "fp32", "LORA-INIT-008", "initial DoRA magnitude vs ||W||_row")
-    checks.check(math.prod(magnitude.shape) == expected.numel(), "LORA-INIT-008", "magnitude size")
+def test_dora_magnitude_starts_at_the_weight_norm(run, device, data):
+    case = run.draw(data, single_layer=True, extras=False, config={"use_dora": True, "init_lora_weights": True})
+    mine = run.wrap(case)
+    magnitude = run.tensor(run.peft_state(mine.model), f"{PREFIX}{mine.path}.lora_magnitude_vector",
+                           "LORA-KEYS-005").detach()
+    expected = _weight_out_in(mine.base_layer()).flatten(1).norm(dim=1)  # one norm per output feature
+    run.check(math.prod(magnitude.shape) == expected.numel(), f"magnitude has {math.prod(magnitude.shape)} "
+                                                              f"elements, the layer {expected.numel()} outputs")
+    run.close(magnitude.flatten(), expected, "initial DoRA magnitude vs ||W||_row")
+
+
+@pytest.mark.req("LORA-INIT-009")
+@given(data=st.data())
+def test_dora_magnitude_starts_at_the_initial_adapted_weight(run, device, data):
+    case = run.draw(data, single_layer=True, kinds={"linear", "conv1d"}, extras=False,
+                    config={"use_dora": True, "init_lora_weights": False})
+    mine = run.wrap(case)
+    state = run.peft_state(mine.model)
+    A, B = run.factors(state, mine.path)
+    layer = mine.base_layer()
+    adapted = _weight_out_in(layer) + harness.scaling(case.config) * B @ A  # (out, in)
+    magnitude = run.tensor(state, f"{PREFIX}{mine.path}.lora_magnitude_vector", "LORA-KEYS-005").detach()
+    run.close(magnitude.flatten(), adapted.norm(dim=1), "initial DoRA magnitude vs ||W + s B A||_row")
+    x = mine.inputs["x"]
+    run.close(mine.output(), x @ adapted.T + layer.bias, "fresh DoRA output vs (W + s B A) x + b")

@@ -3,15 +3,11 @@
 import json
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conformance import checks, harness
-from conformance.strategies import cases
-
-pytestmark = pytest.mark.needs("save_load")
+from conformance import harness
 
 
 def _reload(driver, adapted: harness.Adapted, directory, is_trainable: bool = False):
@@ -20,59 +16,60 @@ def _reload(driver, adapted: harness.Adapted, directory, is_trainable: bool = Fa
 
 @pytest.mark.req("LORA-LOAD-001")
 @given(data=st.data())
-def test_round_trip(impl, device, data, tmp_path_factory):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine, _ = harness.adapted_pair(impl, None, case, device)
+def test_round_trip(run, device, dtype, data, tmp_path_factory):
+    mine = run.adapted(run.draw(data, overlap=False))  # overlapping pattern keys: LORA-SER-006
     directory = tmp_path_factory.mktemp("round_trip")
-    impl.save(mine.model, str(directory))
-    checks.equal(mine.output(_reload(impl, mine, directory)), mine.output(), "LORA-LOAD-001", "reloaded output")
+    run.impl.save(mine.model, str(directory))
+    run.equal(mine.output(_reload(run.impl, mine, directory)), mine.output(), "reloaded output")
 
 
-@pytest.mark.req("LORA-LOAD-002", "LORA-LOAD-003")
-@pytest.mark.oracle
+@pytest.mark.req("LORA-LOAD-002")
 @given(data=st.data())
-def test_directories_cross_between_implementation_and_peft(impl, oracle, device, data, tmp_path_factory):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine, theirs = harness.adapted_pair(impl, oracle, case, device)
-    directory = tmp_path_factory.mktemp("cross")
-    impl.save(mine.model, str(directory / "mine"))
-    oracle.save(theirs.model, str(directory / "peft"))
-    checks.close(theirs.output(_reload(oracle, theirs, directory / "mine")), theirs.output(), "fp32",
-                 "LORA-LOAD-002", "peft's output with the implementation's directory")
-    checks.close(mine.output(_reload(impl, mine, directory / "peft")), theirs.output(), "fp32",
-                 "LORA-LOAD-003", "the implementation's output with peft's directory")
+def test_peft_loads_the_implementation_s_directory(run, device, dtype, data, tmp_path_factory):
+    mine, theirs = run.pair(run.draw(data, overlap=False))  # overlapping pattern keys: LORA-SER-006
+    directory = tmp_path_factory.mktemp("mine")
+    run.impl.save(mine.model, str(directory))
+    run.close(theirs.output(_reload(run.oracle, theirs, directory)), theirs.output(),
+              "peft's output with the implementation's directory")
+
+
+@pytest.mark.req("LORA-LOAD-003")
+@given(data=st.data())
+def test_implementation_loads_peft_s_directory(run, device, dtype, data, tmp_path_factory):
+    mine, theirs = run.pair(run.draw(data, overlap=False))
+    directory = tmp_path_factory.mktemp("peft")
+    run.oracle.save(theirs.model, str(directory))
+    run.close(mine.output(_reload(run.impl, mine, directory)), theirs.output(),
+              "the implementation's output with peft's directory")
 
 
 @pytest.mark.req("LORA-LOAD-004")
 @given(data=st.data())
-def test_loaded_adapter_is_frozen_unless_trainable(impl, device, data, tmp_path_factory):
+def test_loaded_adapter_is_frozen_unless_trainable(run, device, data, tmp_path_factory):
     # peft leaves bias='all'/'lora_only' biases trainable even when loading frozen: see the quirk in the spec
-    case = harness.with_config(data.draw(cases(impl.capabilities), label="case"), bias=None)
-    mine = harness.wrap(impl, case, device, torch.float32)
-    trainable = impl.trainable_parameters(mine.model)[0]
+    mine = run.wrap(run.draw(data, config={"bias": None}, overlap=False))
+    trainable = run.impl.trainable_parameters(mine.model)[0]
     directory = tmp_path_factory.mktemp("frozen")
-    impl.save(mine.model, str(directory))
-    frozen = _reload(impl, mine, directory)
+    run.impl.save(mine.model, str(directory))
+    frozen = _reload(run.impl, mine, directory)
     training = [name or "the model" for name, m in frozen.named_modules() if m.training]
-    checks.check(not training, "LORA-LOAD-004", f"modules in train mode after loading: {training[:4]}")
-    checks.check(impl.trainable_parameters(frozen)[0] == 0, "LORA-LOAD-004",
-                 f"{impl.trainable_parameters(frozen)[0]} trainable parameters after loading without is_trainable")
-    loaded = impl.trainable_parameters(_reload(impl, mine, directory, is_trainable=True))[0]
-    checks.check(loaded == trainable, "LORA-LOAD-004",
-                 f"is_trainable=True gives {loaded} trainable parameters, wrapping gave {trainable}")
+    run.check(not training, f"modules in train mode after loading: {training[:4]}")
+    run.check(run.impl.trainable_parameters(frozen)[0] == 0,
+              f"{run.impl.trainable_parameters(frozen)[0]} trainable parameters after loading without is_trainable")
+    loaded = run.impl.trainable_parameters(_reload(run.impl, mine, directory, is_trainable=True))[0]
+    run.check(loaded == trainable, f"is_trainable=True gives {loaded} trainable parameters, wrapping gave {trainable}")
 
 
 @pytest.mark.req("LORA-LOAD-006")
 @given(data=st.data())
-def test_minimal_config_takes_defaults(impl, device, data, tmp_path_factory):
-    case = data.draw(cases(impl.capabilities, single_layer=True, kinds={"linear", "conv1d"}, extras=False))
-    case = case._replace(config={k: case.config[k] for k in ("target_modules", "r", "lora_alpha")})
-    mine, _ = harness.adapted_pair(impl, None, case, device)
+def test_minimal_config_takes_defaults(run, device, data, tmp_path_factory):
+    case = run.draw(data, single_layer=True, kinds={"linear", "conv1d"}, extras=False)
+    case = run.admit(case._replace(config={k: case.config[k] for k in ("target_modules", "r", "lora_alpha")}))
+    mine = run.adapted(case)
     directory = tmp_path_factory.mktemp("minimal")
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **case.config}))
     save_file({k: v.contiguous() for k, v in mine.values.items()}, directory / "adapter_model.safetensors")
-    A, B = (t.to(device) for t in harness.factors(mine.values))
+    A, B = run.factors(mine.values, mine.path)
     x = mine.inputs["x"]
-    expected = mine.base().layer(x) + (x @ A.T) @ B.T * harness.scaling(case.config)
-    checks.close(mine.output(_reload(impl, mine, directory)), expected, "fp32", "LORA-LOAD-006",
-                 "output with a 4-key adapter_config.json")
+    expected = mine.base_layer()(x) + (x @ A.T) @ B.T * harness.scaling(case.config)
+    run.close(mine.output(_reload(run.impl, mine, directory)), expected, "output with a 4-key adapter_config.json")

@@ -5,8 +5,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, harness
-from conformance.strategies import cases
+from conformance import harness
+
+LINEAR_KINDS = {"linear", "conv1d"}
 
 
 def _delta(layer: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -18,86 +19,101 @@ def _delta(layer: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, s: float) -
 
 
 @pytest.mark.req("LORA-MERGE-001")
-@pytest.mark.needs("merge")
 @given(data=st.data())
-def test_merged_weight_is_base_plus_delta(impl, device, data):
-    case = data.draw(cases(impl.capabilities, single_layer=True, extras=False), label="case")
-    mine, _ = harness.adapted_pair(impl, None, case, device)
-    base = mine.base().layer
-    A, B = (t.to(device) for t in harness.factors(mine.values))
-    merged = impl.merge_and_unload(mine.model).layer.weight
-    expected = base.weight + _delta(base, A, B, harness.scaling(case.config))
-    checks.close(merged.detach(), expected.detach(), "merge", "LORA-MERGE-001", "merged weight vs W + s*BA")
+def test_merged_weight_is_base_plus_delta(run, device, data):
+    mine = run.adapted(run.draw(data, single_layer=True, extras=False))
+    base = mine.base_layer()
+    A, B = run.factors(mine.values, mine.path)
+    run.impl.merge(mine.model)
+    merged = mine.original_params[f"{mine.path}.weight"]  # injection is in place (LORA-INIT-007): merging writes here
+    expected = base.weight + _delta(base, A, B, harness.scaling(mine.case.config))
+    run.close(merged.detach(), expected.detach(), "merged weight vs W + s*BA")
 
 
 @pytest.mark.req("LORA-MERGE-002")
-@pytest.mark.needs("merge")
 @given(data=st.data())
-def test_merged_output_equals_unmerged(impl, device, data):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine, _ = harness.adapted_pair(impl, None, case, device)
+def test_merged_output_equals_unmerged(run, device, data):
+    mine = run.adapted(run.draw(data))
     unmerged = mine.output()
-    impl.merge(mine.model)
-    checks.close(mine.output(), unmerged, "merge", "LORA-MERGE-002", "merged output vs unmerged output")
+    run.impl.merge(mine.model)
+    run.close(mine.output(), unmerged, "merged output vs unmerged output")
+
+
+@pytest.mark.req("LORA-MERGE-009")
+@given(data=st.data())
+def test_half_precision_merge_matches_peft(run, device, dtype, data):
+    mine, theirs = run.pair(run.draw(data))
+    run.impl.merge(mine.model)
+    run.oracle.merge(theirs.model)
+    for name, param in mine.model.named_parameters():
+        run.check(param.dtype == run.dtype or ".lora_" in name,
+                  f"{name} is {param.dtype} after merging on a {dtype} base")
+    run.close(mine.output(), theirs.output(), "merged output vs peft's merged output")
+
+
+@pytest.mark.req("LORA-MERGE-008")
+@given(data=st.data())
+def test_merging_twice_changes_nothing(run, device, data):
+    mine = run.adapted(run.draw(data))
+    run.impl.merge(mine.model)
+    merged = mine.output()
+    run.impl.merge(mine.model)
+    run.close(mine.output(), merged, "output after a second merge vs after the first")
 
 
 @pytest.mark.req("LORA-MERGE-003")
-@pytest.mark.needs("merge", "unload")
 @given(data=st.data())
-def test_merge_then_unmerge_restores_base_weights(impl, device, data):
+def test_merge_then_unmerge_restores_base_weights(run, device, data):
     # Without trained biases or modules_to_save copies, the base weights are exactly the pristine model's.
-    case = harness.with_config(data.draw(cases(impl.capabilities), label="case"), bias=None, modules_to_save=None)
-    mine, _ = harness.adapted_pair(impl, None, case, device)
-    impl.merge(mine.model)
-    impl.unmerge(mine.model)
-    restored = impl.unload(mine.model).state_dict()
-    checks.all_close(restored, mine.base().state_dict(), "merge", "LORA-MERGE-003", "weight after merge+unmerge:")
+    mine = run.adapted(run.draw(data, config={"bias": None, "modules_to_save": None}))
+    run.impl.merge(mine.model)
+    run.impl.unmerge(mine.model)
+    restored = run.impl.unload(mine.model).state_dict()
+    run.all_close(restored, mine.base().state_dict(), "weight after merge+unmerge:")
 
 
 @pytest.mark.req("LORA-MERGE-004")
-@pytest.mark.needs("merge")
 @given(data=st.data())
-def test_merge_and_unload_returns_the_plain_model(impl, device, data):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine, _ = harness.adapted_pair(impl, None, case, device)
+def test_merge_and_unload_returns_the_plain_model(run, device, data):
+    mine = run.adapted(run.draw(data))
     adapted_output = mine.output()
-    merged = impl.merge_and_unload(mine.model)
-    checks.check(merged is mine.original, "LORA-MERGE-004",
-                 f"merge_and_unload returned a {type(merged).__name__}, not the model object that was wrapped")
+    merged = run.impl.merge_and_unload(mine.model)
+    run.check(merged is mine.original,
+              f"merge_and_unload returned a {type(merged).__name__}, not the model object that was wrapped")
     base = mine.base()
     types = {n: type(m).__name__ for n, m in merged.named_modules()}
     expected_types = {n: type(m).__name__ for n, m in base.named_modules()}
-    checks.check(types == expected_types, "LORA-MERGE-004", "module types after merge_and_unload differ: "
-                 f"{sorted(set(types.items()) ^ set(expected_types.items()))[:4]}")
-    checks.same_keys(merged.state_dict(), base.state_dict(), "LORA-MERGE-004", "state-dict keys")
-    checks.close(mine.output(merged), adapted_output, "merge", "LORA-MERGE-004", "merged model output")
+    run.check(types == expected_types, "module types after merge_and_unload differ: "
+              f"{sorted(set(types.items()) ^ set(expected_types.items()))[:4]}")
+    run.same_keys(merged.state_dict(), base.state_dict(), "state-dict keys")
+    run.close(mine.output(merged), adapted_output, "merged model output")
 
 
 @pytest.mark.req("LORA-MERGE-006")
-@pytest.mark.needs("dora", "merge")
 @given(data=st.data())
-def test_dora_merge_formula(impl, device, data):
-    case = data.draw(cases(impl.capabilities, single_layer=True, kinds={"linear", "conv1d"}, extras=False))
-    mine, _ = harness.adapted_pair(impl, None, harness.with_config(case, use_dora=True), device)
-    layer = mine.base().layer
-    A, B = (t.to(device) for t in harness.factors(mine.values))
-    magnitude = mine.values["base_model.model.layer.lora_magnitude_vector"].to(device)
+def test_dora_merge_formula(run, device, data):
+    case = run.draw(data, single_layer=True, kinds=LINEAR_KINDS, extras=False, config={"use_dora": True})
+    mine = run.adapted(case)
+    layer = mine.base_layer()
+    A, B = run.factors(mine.values, mine.path)
+    magnitude = run.tensor(mine.values, f"{harness.PREFIX}{mine.path}.lora_magnitude_vector", "LORA-KEYS-005")
     conv1d = type(layer).__name__ == "Conv1D"
     adapted = (layer.weight.T if conv1d else layer.weight) + harness.scaling(case.config) * B @ A  # (out, in)
     expected = (magnitude / adapted.norm(dim=1))[:, None] * adapted
-    merged = impl.merge_and_unload(mine.model).layer.weight
-    checks.close(merged.detach(), (expected.T if conv1d else expected).detach(), "merge", "LORA-MERGE-006",
-                 "merged DoRA weight vs m/||W + sBA|| (W + sBA)")
+    run.impl.merge(mine.model)
+    merged = mine.original_params[f"{mine.path}.weight"]
+    run.close(merged.detach(), (expected.T if conv1d else expected).detach(),
+              "merged DoRA weight vs m/||W + sBA|| (W + sBA)")
 
 
 @pytest.mark.req("LORA-MERGE-007")
-@pytest.mark.needs("lora_bias", "merge")
 @given(data=st.data())
-def test_lora_bias_is_merged_into_the_base_bias(impl, device, data):
-    case = data.draw(cases(impl.capabilities, single_layer=True, kinds={"linear", "conv1d"}, extras=False))
-    case = harness.with_config(case, lora_bias=True, init_lora_weights=True)
-    mine, _ = harness.adapted_pair(impl, None, case, device)
-    lora_bias = mine.values["base_model.model.layer.lora_B.bias"].to(device)
-    expected = mine.base().layer.bias + harness.scaling(case.config) * lora_bias
-    merged = impl.merge_and_unload(mine.model).layer.bias
-    checks.close(merged.detach(), expected.detach(), "merge", "LORA-MERGE-007", "merged bias vs b + s * B.bias")
+def test_lora_bias_is_merged_into_the_base_bias(run, device, data):
+    case = run.draw(data, single_layer=True, kinds=LINEAR_KINDS, extras=False,
+                    config={"lora_bias": True, "init_lora_weights": True})
+    mine = run.adapted(case)
+    lora_bias = run.tensor(mine.values, f"{harness.PREFIX}{mine.path}.lora_B.bias", "LORA-KEYS-006")
+    expected = mine.base_layer().bias + harness.scaling(case.config) * lora_bias
+    run.impl.merge(mine.model)
+    merged = mine.original_params[f"{mine.path}.bias"]
+    run.close(merged.detach(), expected.detach(), "merged bias vs b + s * B.bias")

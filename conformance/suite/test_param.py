@@ -7,8 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import checks, harness
-from conformance.strategies import cases
+from conformance import harness, models
 
 
 def _adapter_size(base: torch.nn.Module, path: str, r: int) -> int:
@@ -25,62 +24,66 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
 
 
+def _adapted_paths(run, model) -> set[str]:
+    return harness.adapted_modules(run.peft_state(model))
+
+
 @pytest.mark.req("LORA-PARAM-001")
-@pytest.mark.oracle
 @given(data=st.data())
-def test_counts_match_peft(impl, oracle, device, data):
-    case = data.draw(cases(impl.capabilities), label="case")
-    mine = impl.trainable_parameters(harness.wrap(impl, case, device, torch.float32).model)
-    theirs = oracle.trainable_parameters(harness.wrap(oracle, case, device, torch.float32).model)
-    checks.check(tuple(mine) == tuple(theirs), "LORA-PARAM-001", f"(trainable, total) {mine}, peft {theirs}")
+def test_counts_match_peft(run, device, data):
+    case = run.draw(data)
+    theirs = run.oracle.trainable_parameters(run.wrap(case, run.oracle).model)
+    mine = run.impl.trainable_parameters(run.wrap(case).model)
+    run.check(tuple(mine) == tuple(theirs), f"(trainable, total) {mine}, peft {theirs}")
 
 
 @pytest.mark.req("LORA-PARAM-002")
 @given(data=st.data())
-def test_counts_follow_the_formula(impl, device, data):
-    case = data.draw(cases(impl.capabilities, extras=False), label="case")
-    mine = harness.wrap(impl, case, device, torch.float32)
-    base = mine.base()
-    adapted = harness.adapted_modules(impl.adapter_state_dict(mine.model))
+def test_counts_follow_the_formula(run, device, data):
+    case = run.draw(data, extras=False)
+    mine = run.wrap(case)
+    base = models.build(case.model)
+    adapted = _adapted_paths(run, mine.model)
     expected = sum(_adapter_size(base, path, case.config["r"]) for path in adapted)
-    found = tuple(impl.trainable_parameters(mine.model))
-    checks.check(found == (expected, _count(base) + expected), "LORA-PARAM-002",
-                 f"(trainable, total) {found}, expected ({expected}, {_count(base)} + {expected}) for "
-                 f"{len(adapted)} adapted layers")
+    found = tuple(run.impl.trainable_parameters(mine.model))
+    run.check(found == (expected, _count(base) + expected),
+              f"(trainable, total) {found}, expected ({expected}, {_count(base)} + {expected}) for {len(adapted)} "
+              "adapted layers")
 
 
 GPT2_TABLE = [(["c_attn"], 4), (["c_attn"], 8), (["c_attn"], 64), (["c_attn", "c_proj"], 8), (["c_fc"], 16)]
 
 
-@pytest.mark.req("LORA-PARAM-003")
-@pytest.mark.needs("conv1d")
-@pytest.mark.parametrize("targets, r", GPT2_TABLE)
-def test_full_size_gpt2_counts(impl, targets, r):
+def _full_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with torch.device("meta"):
-        model = GPT2LMHeadModel(GPT2Config())
+        return GPT2LMHeadModel(GPT2Config())
+
+
+@pytest.mark.req("LORA-PARAM-003")
+@pytest.mark.parametrize("targets, r", GPT2_TABLE)
+def test_full_size_gpt2_counts(run, targets, r):
+    model = _full_gpt2()
+    run.fixed("gpt2-small-meta", {"target_modules": targets, "r": r}, base=model)
     base_total = _count(model)
-    checks.check(base_total == 124_439_808, "LORA-PARAM-003", f"GPT-2 small has {base_total:,} parameters here")
+    run.require(base_total == 124_439_808, "LORA-PARAM-003", f"GPT-2 small has {base_total:,} parameters here")
     names = [n for n, _ in model.named_modules() if any(n.endswith("." + t) for t in targets)]
     expected = sum(_adapter_size(model, n, r) for n in names)
-    found = tuple(impl.trainable_parameters(impl.wrap(model, {"target_modules": targets, "r": r})))
-    checks.check(found == (expected, base_total + expected), "LORA-PARAM-003",
-                 f"targets {targets}, r={r}: (trainable, total) {found}, expected ({expected:,}, "
-                 f"{base_total + expected:,})")
+    found = tuple(run.impl.trainable_parameters(run.impl.wrap(model, {"target_modules": targets, "r": r})))
+    run.check(found == (expected, base_total + expected), f"targets {targets}, r={r}: (trainable, total) {found}, "
+                                                          f"expected ({expected:,}, {base_total + expected:,})")
 
 
 @pytest.mark.req("LORA-PARAM-004")
-@pytest.mark.needs("bias")
 @given(data=st.data(), bias=st.sampled_from(["lora_only", "all"]))
-def test_bias_modes_train_biases(impl, device, data, bias):
-    case = harness.with_config(data.draw(cases(impl.capabilities, extras=False), label="case"), bias=bias)
-    mine = harness.wrap(impl, case, device, torch.float32)
-    base = mine.base()
-    adapted = harness.adapted_modules(impl.adapter_state_dict(mine.model))
+def test_bias_modes_train_biases(run, device, data, bias):
+    case = run.draw(data, extras=False, config={"bias": bias})
+    mine = run.wrap(case)
+    base = models.build(case.model)
+    adapted = _adapted_paths(run, mine.model)
     lora = sum(_adapter_size(base, path, case.config["r"]) for path in adapted)
     biases = {n[:-5]: p.numel() for n, p in base.named_parameters() if n.endswith(".bias")}
     extra = sum(n for path, n in biases.items() if bias == "all" or path in adapted)
-    found = impl.trainable_parameters(mine.model)[0]
-    checks.check(found == lora + extra, "LORA-PARAM-004",
-                 f"bias={bias!r}: {found} trainable, expected {lora} (LoRA) + {extra} (biases)")
+    found = run.impl.trainable_parameters(mine.model)[0]
+    run.check(found == lora + extra, f"bias={bias!r}: {found} trainable, expected {lora} (LoRA) + {extra} (biases)")

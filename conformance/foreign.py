@@ -1,0 +1,104 @@
+"""Adapter files written by other tools: recognise them by their files, config keys and tensor names, so that
+check-adapter can say what a directory is and why peft cannot load it, instead of listing symptoms.
+
+Only file names, JSON and safetensors headers are read (no tensor data, no pickles).
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+MLX_ADVICE = ("convert it: lora_A = lora_a.T, lora_B = lora_b.T, lora_alpha = scale * rank "
+              "(conformance/drivers/mlx.py: mlx_to_peft)")
+
+
+@dataclass(frozen=True)
+class Foreign:
+    tool: str  # e.g. "mlx-lm"
+    evidence: str  # what gave it away
+    advice: str  # how to get a peft adapter from it
+
+    def message(self, path: Path) -> str:
+        return (f"{path} is a {self.tool} adapter ({self.evidence}), not a peft one: peft's PeftModel.from_pretrained "
+                f"cannot load it. {self.advice}")
+
+
+def _header_keys(path: Path) -> tuple[list[str], dict]:
+    """Tensor names and metadata of a safetensors file, from its header alone; ([], {}) if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            if size > 100_000_000:
+                return [], {}
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, struct.error):
+        return [], {}
+    metadata = header.pop("__metadata__", {}) or {}
+    return sorted(header), metadata
+
+
+def _json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _from_keys(keys: list[str], metadata: dict, file: str) -> Optional[Foreign]:
+    """Formats told apart by their tensor names."""
+    sample = next(iter(keys), "")
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys) or \
+            any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys) or "ss_network_module" in metadata:
+        return Foreign("kohya-ss (sd-scripts / A1111 / ComfyUI)",
+                       f"{file} holds lora_down / lora_up / .alpha tensors such as {sample!r}",
+                       "diffusers reads it (load_lora_weights); its alpha is per module, and peft has no reader for it")
+    if any(part in k for k in keys for part in ("hada_w1_a", "lokr_w1", "lokr_w2", ".hada_", "lycoris_")):
+        return Foreign("LyCORIS (LoHa / LoKr)", f"{file} holds tensors such as {sample!r}",
+                       "peft has LoHa and LoKr of its own, with other key names; convert the tensors by name")
+    if "lora_adapter_metadata" in metadata or any(k.startswith(("unet.", "transformer.", "text_encoder."))
+                                                  and ".lora" in k for k in keys):
+        return Foreign("diffusers", f"{file} is keyed {sample!r} without 'base_model.model.'",
+                       "diffusers' load_lora_weights reads it; for peft, prefix the keys with 'base_model.model.' and "
+                       "write lora_alpha (diffusers assumes lora_alpha = r when its metadata is missing)")
+    if any(k.endswith((".lora_a", ".lora_b")) for k in keys):
+        return Foreign("mlx-lm", f"{file} holds lora_a / lora_b factors such as {sample!r}, stored transposed "
+                                 "against peft's", MLX_ADVICE)
+    return None
+
+
+def identify(path) -> Optional[Foreign]:
+    """What tool wrote `path` (an adapter directory or a single file), when it is not peft; None for a peft adapter
+    (broken or not) or anything not recognised."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return Foreign("llama.cpp (GGUF)", f"{path.name} is a GGUF file",
+                           "it is an export (convert_lora_to_gguf.py) from a peft adapter; keep the peft directory")
+        if path.suffix == ".safetensors":
+            return _from_keys(*_header_keys(path), path.name)
+        return None
+    config = _json(path / "adapter_config.json") or {}
+    if "lora_parameters" in config or "fine_tune_type" in config or (path / "adapters.safetensors").is_file():
+        return Foreign("mlx-lm", "adapters.safetensors with an adapter_config.json holding lora_parameters / "
+                                 "fine_tune_type", MLX_ADVICE)
+    if (path / "pytorch_adapter.bin").is_file() or ("config" in config and "peft_type" not in config
+                                                    and "model_class" in config):
+        return Foreign("AdapterHub (adapters)", "pytorch_adapter.bin and an adapter_config.json with 'config' and "
+                                                "'model_class', no peft_type",
+                       "AdapterHub keys are '<path>.loras.<name>.lora_A': drop '.loras.<name>', add "
+                       "'base_model.model.' and '.weight', and write a peft adapter_config.json")
+    if not (path / "adapter_model.safetensors").is_file():
+        for pickle_name in ("adapter_model.pt", "adapter_0.pt"):
+            if (path / pickle_name).is_file():
+                return Foreign("torchtune (a training checkpoint)", f"{pickle_name}, a pickle",
+                               "torchtune writes the peft format itself when asked (adapter_model.safetensors with "
+                               "tune_to_peft_adapter_weights); use that")
+        for candidate in sorted(path.glob("*.safetensors")):
+            found = _from_keys(*_header_keys(candidate), candidate.name)
+            if found:
+                return found
+    return None

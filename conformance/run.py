@@ -1,0 +1,192 @@
+"""`run`, the one fixture a conformance test works through: the driver under test and the oracle, the device and
+dtype of the test's axis, the draws (always inside the driver's scope) and the assertions (bound to the test's
+requirements and recorded on its pytest item).
+
+    @pytest.mark.req("LORA-FWD-006")
+    @given(data=st.data())
+    def test_output_matches_peft(run, data):
+        mine, theirs = run.pair(run.draw(data))
+        run.close(mine.output(), theirs.output(), "adapted output vs peft's")
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import reject
+
+from . import api, checks, harness, models, scope
+from .harness import PREFIX, Adapted
+from .strategies import Case, cases, overlap_candidates, overlapping_patterns
+from .verdict import Verdict
+
+NOT_APPLICABLE, NOT_RUN = "not applicable: ", "not run: "
+
+
+@dataclass(repr=False)
+class Run:
+    impl: api.Driver
+    oracle_driver: Optional[api.Driver]
+    device: str
+    dtype: torch.dtype
+    verdict: Verdict
+
+    def __repr__(self) -> str:  # hypothesis prints the test's arguments with a failure: keep it short
+        return f"run({self.impl.name}, {self.device}, {str(self.dtype).removeprefix('torch.')})"
+
+    def __post_init__(self):
+        # The assertions, bound to this test's requirements and recorded on its item (conformance/verdict.py).
+        verdict = self.verdict
+        self.check, self.fail, self.same_keys, self.require = verdict.check, verdict.fail, verdict.same_keys, \
+            verdict.require
+        self.raises = verdict.raises
+        self.close, self.equal, self.all_close = verdict.close, verdict.equal, verdict.all_close
+
+    # --- the implementations ------------------------------------------------------------------------------------
+
+    @property
+    def oracle(self) -> api.Driver:
+        """peft's driver; without peft, the test stops as "not run"."""
+        if self.oracle_driver is None:
+            pytest.skip(f"{NOT_RUN}peft is not installed, so there is no oracle to compare with")
+        return self.oracle_driver
+
+    # --- cases --------------------------------------------------------------------------------------------------
+
+    def draw(self, data, *, single_layer: Optional[bool] = None, kinds: Optional[set] = None, extras: bool = True,
+             model: Optional[str] = None, config: Optional[dict] = None, overlap: bool = True,
+             label: str = "case") -> Case:
+        """A case in the driver's scope; `config` overrides drawn fields (None removes one). A requirement with no
+        case in the scope is "not applicable"; a drawn case the driver's `supports` refuses is not used."""
+        if not model and not scope.models_in_scope(self.impl, kinds, single_layer):
+            wanted = f" with {'/'.join(sorted(kinds))} layers" if kinds else ""
+            pytest.skip(f"{NOT_APPLICABLE}no zoo model{wanted} is in {self.impl.name}'s scope")
+        case = data.draw(cases(self.impl, single_layer, kinds, extras, model, overlap), label=label)
+        return self.admit(with_config(case, **(config or {})))
+
+    def draw_overlapping_patterns(self, data) -> Case:
+        """A case whose pattern keys overlap (strategies.overlapping_patterns), in the driver's scope."""
+        if not overlap_candidates(self.impl):
+            pytest.skip(f"{NOT_APPLICABLE}no zoo model with nested linear layers is in {self.impl.name}'s scope")
+        return self.admit(data.draw(overlapping_patterns(self.impl), label="case"))
+
+    def admit(self, case: Case) -> Case:
+        """Check a drawn case against the driver's scope (the example is dropped when outside) and start it."""
+        self.within_scope(case)
+        self.verdict.start_example(case)
+        return case
+
+    def within_scope(self, case: Case, adapter_name: str = "default") -> None:
+        """Drop the current example when `case` (or another adapter added to it) is outside the driver's scope."""
+        reason = scope.out_of_scope(self.impl, models.build(case.model, case.model_seed), case.config, adapter_name)
+        if reason:
+            self.verdict.out_of_scope[reason] = self.verdict.out_of_scope.get(reason, 0) + 1
+            reject()
+
+    def fixed(self, model: str, config: dict, adapter_name: str = "default", base: Optional[torch.nn.Module] = None
+              ) -> Case:
+        """A fixed case (not drawn): "not applicable" when outside the driver's scope."""
+        reason = scope.out_of_scope(self.impl, base if base is not None else models.build(model), config, adapter_name)
+        if reason:
+            pytest.skip(f"{NOT_APPLICABLE}{reason}")
+        case = Case(model, config)
+        self.verdict.start_example(case)
+        return case
+
+    def fixed_target(self, kinds: Optional[set] = None, prefer: tuple = ("gpt2-tiny", "mlp")) -> tuple[str, str]:
+        """A (model, target) in the driver's scope, for a test about something other than targeting."""
+        found = scope.first_case(self.impl, kinds, prefer)
+        if found is None:
+            pytest.skip(f"{NOT_APPLICABLE}no zoo model is in {self.impl.name}'s scope")
+        return found
+
+    # --- adapted models -----------------------------------------------------------------------------------------
+
+    def wrap(self, case: Case, driver: Optional[api.Driver] = None, dtype: Optional[torch.dtype] = None,
+             adapter_name: str = "default") -> Adapted:
+        return harness.wrap(driver or self.impl, case, self.device, dtype or self.dtype, adapter_name)
+
+    def pair(self, case: Case, dtype: Optional[torch.dtype] = None) -> tuple[Adapted, Adapted]:
+        """The case wrapped by the implementation and by peft, both loaded with the same values, drawn around
+        peft's initial values."""
+        mine, theirs = harness.pair(self.impl, self.oracle, case, self.device, dtype or self.dtype)
+        self._read_back(mine, harness.to_driver(self.impl, mine.model, mine.values))
+        return mine, theirs
+
+    def adapted(self, case: Case, dtype: Optional[torch.dtype] = None) -> Adapted:
+        """The case wrapped by the implementation alone, loaded with values drawn around its initial values."""
+        mine = self.wrap(case, dtype=dtype)
+        self.load(mine, harness.adapter_values(self.initial_in_peft_layout(mine), case.values_seed))
+        return mine
+
+    def initial_in_peft_layout(self, mine: Adapted) -> dict:
+        """The implementation's initial adapter in peft's layout, or reference_impl's where it has none."""
+        try:
+            return harness.peft_state(self.impl, mine.model)
+        except api.NoExactMapping:  # the driver's initial tensors have no peft form: take reference_impl's shapes
+            from .drivers.reference import ReferenceDriver
+
+            return ReferenceDriver().adapter_state_dict(harness.wrap(ReferenceDriver(), mine.case, "cpu",
+                                                                     torch.float32).model)
+
+    def load(self, adapted: Adapted, values: dict, adapter_name: str = "default") -> None:
+        """Load peft-layout `values` through the driver (mapped to its layout) and read them back: the same keys
+        (LORA-KEYS-001) and the same values (LORA-KEYS-007) must come back. Both are preconditions here."""
+        self._read_back(adapted, harness.load(adapted, values, adapter_name), adapter_name)
+
+    def _read_back(self, adapted: Adapted, own: dict, adapter_name: str = "default") -> None:
+        readback = self.impl.adapter_state_dict(adapted.model, adapter_name)
+        problem = checks.key_difference(readback, own, "adapter keys read back (vs the values loaded)")
+        self.require(problem is None, "LORA-KEYS-001", str(problem))
+        for key in sorted(own):
+            same = torch.equal(readback[key].detach().cpu(), own[key].detach().cpu())
+            self.require(same, "LORA-KEYS-007", f"{key} reads back different from the value loaded")
+
+    def peft_state(self, model: torch.nn.Module, adapter_name: str = "default") -> dict:
+        """The implementation's adapter in peft's layout; where its layout has no exact peft form, the test stops
+        as "not run" naming why."""
+        try:
+            return harness.peft_state(self.impl, model, adapter_name)
+        except api.NoExactMapping as error:
+            pytest.skip(f"{NOT_RUN}{self.impl.name}'s tensors have no exact form in peft's layout: {error}")
+
+    def initial_state(self, case: Case, driver: Optional[api.Driver] = None) -> dict:
+        """The adapter tensors right after wrapping the case (fp32 base), in peft's layout."""
+        driver = driver or self.impl
+        model = harness.wrap(driver, case, self.device, torch.float32).model
+        return self.peft_state(model) if driver is self.impl else driver.adapter_state_dict(model)
+
+    def gradients(self, adapted: Adapted) -> dict[str, torch.Tensor]:
+        """The gradients of the adapter's tensors after a backward pass, in peft's layout."""
+        driver = adapted.driver
+        own = {}
+        for key, tensor in driver.adapter_state_dict(adapted.model).items():
+            if tensor.is_floating_point() and tensor.requires_grad:
+                if driver is self.impl:
+                    self.require(tensor.grad is not None, "LORA-KEYS-008",
+                                 f"{key} has no .grad after backward: adapter_state_dict must return live tensors")
+                own[key] = tensor.grad.detach().cpu()
+        if driver is not self.impl:
+            return own
+        return harness.peft_gradients(driver, adapted.model, adapted.values, own)
+
+    def factors(self, values: dict, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the adapted module at `path` from peft-keyed values, on the run's device."""
+        prefix = f"{PREFIX}{path}."
+        for a, b in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+            if prefix + a in values and prefix + b in values:
+                return values[prefix + a].to(self.device), values[prefix + b].to(self.device)
+        self.require(False, "LORA-KEYS-001", f"no {prefix}lora_A.weight / lora_B.weight (nor lora_embedding_A/B) "
+                                             f"among the adapter keys {sorted(values)[:6]}")
+
+    def tensor(self, values: dict, key: str, req: str = "LORA-KEYS-001") -> torch.Tensor:
+        """values[key] on the run's device; a missing key fails the keys requirement `req` (never a KeyError)."""
+        self.require(key in values, req, f"no key {key} among the adapter keys {sorted(values)[:6]}")
+        return values[key].to(self.device)
+
+
+def with_config(case: Case, **changes) -> Case:
+    """The same case with some config fields changed; a field set to None is removed."""
+    config = {**case.config, **changes}
+    return case._replace(config={k: v for k, v in config.items() if v is not None})

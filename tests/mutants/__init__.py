@@ -1,0 +1,17 @@
+"""Deliberately broken drivers, one or more for every MUST requirement of the driver scope: each breaks one thing
+the way real implementations get it wrong, and the suite must fail it under the requirements in its `kills`.
+
+`python -m tests.mutants.table` runs the whole suite against each of them and writes the requirement x broken-driver
+table (docs/mutants.md, `tox -e mutants`); tests/test_mutants.py runs a fast subset on every CI run.
+A requirement whose broken driver survives is a hole in the suite: fix the suite, never the broken driver.
+"""
+
+from tests.mutants.adapters import *  # noqa: F401,F403
+from tests.mutants.adapters_and_counts import *  # noqa: F401,F403
+from tests.mutants.base import Mutant
+from tests.mutants.config import *  # noqa: F401,F403
+from tests.mutants.files import *  # noqa: F401,F403
+from tests.mutants.merging import *  # noqa: F401,F403
+
+# name -> class, for every broken driver that claims to be caught (the others only crash, hang or misbehave)
+MUTANTS = {cls.__name__: cls for cls in Mutant.__subclasses__() if cls.kills}
