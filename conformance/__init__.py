@@ -4,5 +4,5 @@ Run it with `pytest --pyargs conformance.suite --peft-impl=NAME` or `peft-confor
 A driver (conformance/api.py) connects an implementation to the suite; the spec lives in conformance/spec/.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 SPEC_VERSION = 1

@@ -84,8 +84,10 @@ class Expectations:
         return [e for e in self.entries if e.matches(reqs, cell)]
 
     def unused(self, outcomes) -> list[Entry]:
-        """Entries whose exact part matched no test of this run: stale, or misspelled."""
-        return [e for e in self.entries if not any(e.matches(o.reqs, o.cell) for o in outcomes)]
+        """Entries whose exact part matched no test of this run, or only tests where the requirement does not apply
+        to the driver: stale, or misspelled."""
+        return [e for e in self.entries if not any(e.matches(o.reqs, o.cell) and o.verdict(e.req)[0] !=
+                                                   "not applicable" for o in outcomes)]
 
     def unexercised(self, outcomes) -> list[Entry]:
         """`when` entries whose tests ran but under which no drawn case failed: stale, or not drawn this run."""

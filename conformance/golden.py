@@ -33,18 +33,15 @@ SECOND = "second"  # the name of the second adapter in the two-adapter case
 
 @dataclass(frozen=True)
 class CaseSpec:
-    """A golden case: one feature, its config, what it serves and what a driver needs to load it."""
+    """A golden case: one feature, its config and the requirements it serves. Which drivers it applies to follows
+    from its config (conformance/scope.py), so it is not recorded here (v1 manifests still carry a "needs" list;
+    nothing reads it)."""
 
     name: str
     config: dict
     requirements: tuple[str, ...]
-    needs: frozenset = frozenset({"conv1d", "save_load"})
     adapter_name: str = "default"
     second: Optional[dict] = None
-
-
-def _needs(*extra: str) -> frozenset:
-    return frozenset({"conv1d", "save_load", *extra})
 
 
 CASE_SPECS = [
@@ -54,27 +51,27 @@ CASE_SPECS = [
              ("LORA-MATCH-002",)),
     CaseSpec("r2-all-linear", {"r": 2, "lora_alpha": 4, "target_modules": "all-linear"}, ("LORA-MATCH-004",)),
     CaseSpec("r8-c_attn-rslora", {"r": 8, "lora_alpha": 8, "target_modules": ["c_attn"], "use_rslora": True},
-             ("LORA-FWD-002",), _needs("rslora")),
+             ("LORA-FWD-002",)),
     CaseSpec("r4-c_attn+c_fc-dora", {"r": 4, "target_modules": ["c_attn", "c_fc"], "use_dora": True},
-             ("LORA-FWD-008", "LORA-KEYS-005"), _needs("dora")),
+             ("LORA-FWD-008", "LORA-KEYS-005")),
     CaseSpec("r4-wpe-embedding", {"r": 4, "lora_alpha": 8, "target_modules": ["wpe"]},
-             ("LORA-FWD-003", "LORA-KEYS-002"), _needs("embedding")),
+             ("LORA-FWD-003", "LORA-KEYS-002")),
     CaseSpec("r4-c_attn-bias-lora_only", {"r": 4, "target_modules": ["c_attn"], "bias": "lora_only"},
-             ("LORA-KEYS-006",), _needs("bias")),
+             ("LORA-KEYS-006",)),
     CaseSpec("r4-c_attn-lora_bias", {"r": 4, "target_modules": ["c_attn"], "lora_bias": True},
-             ("LORA-KEYS-006", "LORA-MERGE-007"), _needs("lora_bias")),
+             ("LORA-KEYS-006", "LORA-MERGE-007")),
     CaseSpec("r4-c_attn-modules_to_save-ln_f", {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["ln_f"]},
-             ("LORA-MTS-002",), _needs("modules_to_save")),
+             ("LORA-MTS-002",)),
     CaseSpec("r8-patterns", {"r": 8, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"],
                              "rank_pattern": {"c_attn": 2}, "alpha_pattern": {r"mlp\.c_proj": 32}},
-             ("LORA-MATCH-009",), _needs("patterns")),
+             ("LORA-MATCH-009",)),
     CaseSpec("r4-layers_to_transform-1", {"r": 4, "target_modules": ["c_attn", "c_proj"],
                                           "layers_to_transform": [1], "layers_pattern": "h"},
-             ("LORA-MATCH-005",), _needs("layers")),
+             ("LORA-MATCH-005",)),
     CaseSpec("r4-c_proj-adapter-named-custom", {"r": 4, "target_modules": ["c_proj"]},
-             ("LORA-SER-004", "LORA-KEYS-001"), _needs("multi_adapter"), adapter_name="custom"),
+             ("LORA-SER-004", "LORA-KEYS-001"), adapter_name="custom"),
     CaseSpec("two-adapters", {"r": 4, "target_modules": ["c_attn"]}, ("LORA-MULTI-002",),
-             _needs("multi_adapter"), second={"r": 2, "lora_alpha": 16, "target_modules": ["c_fc"]}),
+             second={"r": 2, "lora_alpha": 16, "target_modules": ["c_fc"]}),
 ]
 
 # Full-size GPT-2 on the meta device: (target_modules, r) -> (trainable, total), recorded from peft.
@@ -232,7 +229,7 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
     names = [spec.adapter_name] + ([SECOND] if spec.second else [])
     manifest = {
         "case": spec.name, "fixture_version": version, "spec_version": SPEC_VERSION,
-        "requirements": list(spec.requirements), "needs": sorted(spec.needs), "adapter_name": spec.adapter_name,
+        "requirements": list(spec.requirements), "adapter_name": spec.adapter_name,
         "adapters": names, "config": spec.config, "second_config": spec.second, "values_seed": seed,
         "producer": _producers(), "tolerance_class": "golden",
         "inputs": "input_ids (2, 8) from gpt2-tiny seed 0, row 2 right-padded by 3 with attention_mask 0",

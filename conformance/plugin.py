@@ -33,6 +33,9 @@ PROFILES = {
     "ci": settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
                    suppress_health_check=_quiet),
     "thorough": settings(max_examples=200, deadline=None, suppress_health_check=_quiet),
+    # ci's draws without shrinking: the same verdicts, sooner when things fail (failing examples come unshrunk)
+    "gate": settings(max_examples=12, deadline=None, derandomize=True, database=None,
+                     phases=[Phase.explicit, Phase.generate], suppress_health_check=_quiet),
     # a smoke run: few examples, failures reported as found (no shrinking)
     "quick": settings(max_examples=4, deadline=None, derandomize=True, database=None,
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=_quiet),
@@ -82,7 +85,7 @@ class State:
 
 state_key = pytest.StashKey[State]()
 verdict_key = pytest.StashKey[Verdict]()
-not_applicable_key = pytest.StashKey[dict]()
+excluded_key = pytest.StashKey[dict]()
 
 
 def _option(config, name: str, default=None):
@@ -104,8 +107,8 @@ def pytest_addoption(parser):
     group.addoption("--peft-report", help=f"write the JSON report here, and a Markdown summary next to it "
                                           f"[{ENV}REPORT]")
     group.addoption("--peft-profile", choices=sorted(PROFILES), help=f"hypothesis profile: dev (fast), ci "
-                    f"(derandomized, no database), thorough (nightly), quick (smoke, no shrinking); default ci on CI, "
-                    f"else dev [{ENV}PROFILE]")
+                    f"(derandomized, no database), gate (ci without shrinking), thorough (nightly), quick (smoke, no "
+                    f"shrinking); default ci on CI, else dev [{ENV}PROFILE]")
     group.addoption("--peft-timeout", type=float, help=f"seconds before a test is stopped and failed "
                                                        f"(default 300) [{ENV}TIMEOUT]")
 
@@ -235,21 +238,22 @@ def pytest_runtest_setup(item):
     state = item.config.stash[state_key]
     driver = state.impl()
     device, dtype = _axis(item)
-    not_applicable = {}
+    not_applicable, not_run = {}, {}
     for req in _claimed(item):
         requirement = spec.requirement(req)
         needed = set(requirement.capabilities) | ({"cuda"} if device.startswith("cuda") else set())
         missing = sorted(needed - set(driver.capabilities))
         if missing:
             not_applicable[req] = f"{driver.name} does not declare {', '.join(missing)}"
-        elif dtype not in requirement.dtypes:
-            not_applicable[req] = f"the spec checks it on {', '.join(requirement.dtypes)} bases, not {dtype}"
-    applicable = tuple(r for r in _claimed(item) if r not in not_applicable)
+        elif dtype not in requirement.dtypes:  # a choice of the run, not a limit of the driver
+            not_run[req] = f"checked on {', '.join(requirement.dtypes)} bases: add it to --peft-dtype"
+    applicable = tuple(r for r in _claimed(item) if r not in not_applicable and r not in not_run)
     entries = state.expectations.for_test(_claimed(item), _cell(item)) if state.expectations else []
     item.stash[verdict_key] = Verdict(tuple(_claimed(item)), applicable, dtype, entries)
-    item.stash[not_applicable_key] = not_applicable
+    item.stash[excluded_key] = {"not_applicable": not_applicable, "not_run": not_run}
     if not applicable:
-        pytest.skip(NOT_APPLICABLE + "; ".join(sorted(set(not_applicable.values()))))
+        reasons = "; ".join(sorted(set(not_applicable.values()) | set(not_run.values())))
+        pytest.skip((NOT_APPLICABLE if not_applicable else NOT_RUN) + reasons)
 
 
 class TestTimeout(BaseException):
@@ -292,7 +296,7 @@ def pytest_runtest_makereport(item, call):
     verdict = item.stash.get(verdict_key, None)
     found = verdict.summary() if verdict else {}
     result = report.TestOutcome(nodeid=item.nodeid, reqs=_claimed(item), outcome="passed", cell=_cell(item),
-                                not_applicable=item.stash.get(not_applicable_key, {}), **found)
+                                **item.stash.get(excluded_key, {}), **found)
     error = call.excinfo.value if call.excinfo else None
     if isinstance(error, Unsatisfiable) and verdict is not None:
         _no_usable_example(result, rep, verdict)

@@ -27,7 +27,8 @@ class TestOutcome:
     failures: list[dict] = field(default_factory=list)  # {req, message, example, expected}: one per failure
     held: list[str] = field(default_factory=list)  # requirements with an assertion that ran and held
     last_held: list[str] = field(default_factory=list)
-    not_applicable: dict = field(default_factory=dict)  # req -> why (registry capabilities, dtype coverage)
+    not_applicable: dict = field(default_factory=dict)  # req -> why: capabilities the driver does not declare
+    not_run: dict = field(default_factory=dict)  # req -> why: outside this run's axes (a dtype not asked for)
     expected: dict = field(default_factory=dict)  # req -> the expectations file's reason
     blocked_by: list[str] = field(default_factory=list)  # preconditions that failed
     unexpected: dict = field(default_factory=dict)  # req -> message: expected failures that passed
@@ -39,7 +40,7 @@ class TestOutcome:
     cell: dict = field(default_factory=dict)
 
     def applicable(self) -> list[str]:
-        return [r for r in self.reqs if r not in self.not_applicable]
+        return [r for r in self.reqs if r not in self.not_applicable and r not in self.not_run]
 
     def failed_reqs(self) -> list[str]:
         return sorted({f["req"] for f in self.failures if not f.get("expected")})
@@ -48,6 +49,8 @@ class TestOutcome:
         """(count, reason) for one requirement: what this test says about it."""
         if req in self.not_applicable:
             return "not applicable", self.not_applicable[req]
+        if req in self.not_run:
+            return "not run", self.not_run[req]
         if req in self.failed_reqs():
             return "failed", ""
         if req in self.expected:

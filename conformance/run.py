@@ -180,6 +180,13 @@ class Run:
         self.require(False, "LORA-KEYS-001", f"no {prefix}lora_A.weight / lora_B.weight (nor lora_embedding_A/B) "
                                              f"among the adapter keys {sorted(values)[:6]}")
 
+    def adapted_paths(self, state: dict, base: torch.nn.Module) -> set[str]:
+        """The modules a peft-keyed `state` adapts; a key for a module `base` lacks fails LORA-KEYS-001."""
+        paths, modules = harness.adapted_modules(state), dict(base.named_modules())
+        self.require(paths <= set(modules), "LORA-KEYS-001", "adapter keys for modules the base model does not "
+                                                             f"have: {sorted(paths - set(modules))[:4]}")
+        return paths
+
     def tensor(self, values: dict, key: str, req: str = "LORA-KEYS-001") -> torch.Tensor:
         """values[key] on the run's device; a missing key fails the keys requirement `req` (never a KeyError)."""
         self.require(key in values, req, f"no key {key} among the adapter keys {sorted(values)[:6]}")

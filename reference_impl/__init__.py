@@ -9,7 +9,7 @@ from .model import LoraModel
 from .peft_model import PeftModel, get_peft_model, inject_adapter_in_model
 from .save_load import get_peft_model_state_dict, set_peft_model_state_dict
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LoraConfig", "LoraModel", "PeftModel", "get_peft_model", "inject_adapter_in_model",

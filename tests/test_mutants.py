@@ -56,9 +56,13 @@ def test_suite_fails_a_broken_driver_on_the_right_requirement(name, tmp_path):
     assert cls.kills[0] in summary and "reproduce: PYTHONPATH=" in summary, summary[-2000:]
 
 
-def test_reference_driver_passes_the_same_tests(tmp_path):
+def test_reference_driver_passes_every_requirement_it_can(tmp_path):
+    """The whole suite against reference_impl, profile ci: every requirement passes, and none is left "not run"
+    because no drawn case reached its assertions (a test that rarely checks what it claims)."""
     report = tmp_path / "report.json"
-    tests = sorted({f"conformance.suite.{MUTANTS[name].test}" for name in FAST})
-    result = run_suite("--pyargs", *tests, "--peft-impl=reference", f"--peft-report={report}")
+    result = run_suite("--pyargs", "conformance.suite", "--peft-impl=reference", "--peft-profile=ci",
+                       f"--peft-report={report}")
     assert result.returncode == 0, result.stdout[-3000:]
-    assert json.loads(report.read_text())["summary"]["fail"] == 0
+    statuses = {r: v["status"] for r, v in json.loads(report.read_text())["requirements"].items()}
+    not_passing = {r: s for r, s in statuses.items() if s != "pass"}
+    assert not_passing == {"LORA-DEV-001": "not run", "LORA-MERGE-009": "not run"}, not_passing  # no GPU; fp32 only

@@ -24,7 +24,8 @@ def test_only_real_differences_fail(tmp_path):
     data = json.loads(report.read_text())
     statuses = {req: entry["status"] for req, entry in data["requirements"].items()}
     assert {req for req, status in statuses.items() if status == "fail"} == REAL_DIFFERENCES, result.stdout[-4000:]
-    assert set(statuses.values()) <= {"pass", "fail", "not applicable"}, statuses
+    others = {req: status for req, status in statuses.items() if status not in ("pass", "fail", "not applicable")}
+    assert others == {"LORA-MERGE-009": "not run"}, others  # half-precision merges: not asked for (--peft-dtype)
     for req in THROUGH_THE_LAYOUT:
         assert statuses[req] == "pass", req
     reasons = {r for entry in data["requirements"].values() for r in entry["reasons"]}

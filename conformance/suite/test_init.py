@@ -30,7 +30,7 @@ def _expected_shapes(layer: torch.nn.Module, r: int) -> dict[str, tuple]:
 def test_factor_shapes(run, device, data):
     case = run.draw(data, extras=False)
     state, base = run.initial_state(case), models.build(case.model)
-    for path in sorted(harness.adapted_modules(state)):
+    for path in sorted(run.adapted_paths(state, base)):
         shapes = {k.removeprefix(f"{PREFIX}{path}."): tuple(v.shape) for k, v in state.items()
                   if k.startswith(f"{PREFIX}{path}.lora_")}
         expected = _expected_shapes(base.get_submodule(path), case.config["r"])

@@ -21,17 +21,21 @@ def test_keys_match_peft(run, device, data):
     run.same_keys(run.initial_state(case), theirs, "adapter keys (implementation vs peft)")
 
 
-@pytest.mark.req("LORA-KEYS-001", "LORA-KEYS-002")
+@pytest.mark.req("LORA-KEYS-001")
 @given(data=st.data())
 def test_keys_name_the_module_not_the_adapter(run, device, data):
-    case = run.draw(data, single_layer=True, extras=False)
+    case = run.draw(data, single_layer=True, kinds={"linear", "conv1d", "conv2d"}, extras=False)
     keys, layer = set(run.initial_state(case)), PREFIX + models.ZOO[case.model].layer
-    if "embedding" in case.model:
-        run.check(keys == {layer + ".lora_embedding_A", layer + ".lora_embedding_B"},
-                  f"embedding adapter keys {sorted(keys)}", req="LORA-KEYS-002")
-    else:
-        run.check(keys == {layer + ".lora_A.weight", layer + ".lora_B.weight"}, f"adapter keys {sorted(keys)}",
-                  req="LORA-KEYS-001")
+    run.check(keys == {layer + ".lora_A.weight", layer + ".lora_B.weight"}, f"adapter keys {sorted(keys)}")
+
+
+@pytest.mark.req("LORA-KEYS-002")
+@given(data=st.data())
+def test_embedding_keys_have_no_weight_suffix(run, device, data):
+    case = run.draw(data, single_layer=True, kinds={"embedding"}, extras=False)
+    keys, layer = set(run.initial_state(case)), PREFIX + models.ZOO[case.model].layer
+    run.check(keys == {layer + ".lora_embedding_A", layer + ".lora_embedding_B"},
+              f"embedding adapter keys {sorted(keys)}")
 
 
 @pytest.mark.req("LORA-KEYS-003")
@@ -57,13 +61,13 @@ def test_dora_magnitude_key(run, device, data):
 @given(data=st.data(), bias=st.sampled_from(["lora_only", "all"]))
 def test_bias_keys(run, device, data, bias):
     case = run.draw(data, extras=False, config={"bias": bias})
-    keys = set(run.initial_state(case))
-    adapted = harness.adapted_modules(keys)
+    state, base = run.initial_state(case), models.build(case.model)
+    keys, adapted = set(state), run.adapted_paths(state, base)
+    biases = {n[:-5] for n, _ in base.named_parameters() if n.endswith(".bias")}  # modules that have a bias
     if bias == "lora_only":
-        expected = {f"{PREFIX}{path}.base_layer.bias" for path in adapted}
+        expected = {f"{PREFIX}{path}.base_layer.bias" for path in adapted & biases}
     else:
-        expected = {PREFIX + (f"{n[:-5]}.base_layer.bias" if n[:-5] in adapted else n)
-                    for n, _ in models.build(case.model).named_parameters() if n.endswith(".bias")}
+        expected = {PREFIX + (f"{path}.base_layer.bias" if path in adapted else f"{path}.bias") for path in biases}
     found = {k for k in keys if k.endswith(".bias")}
     run.check(found == expected, f"bias={bias!r}: bias keys {sorted(found)}, expected {sorted(expected)}")
 

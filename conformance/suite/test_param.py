@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness, models
+from conformance import models
 
 
 def _adapter_size(base: torch.nn.Module, path: str, r: int) -> int:
@@ -22,10 +22,6 @@ def _adapter_size(base: torch.nn.Module, path: str, r: int) -> int:
 
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-
-
-def _adapted_paths(run, model) -> set[str]:
-    return harness.adapted_modules(run.peft_state(model))
 
 
 @pytest.mark.req("LORA-PARAM-001")
@@ -43,7 +39,7 @@ def test_counts_follow_the_formula(run, device, data):
     case = run.draw(data, extras=False)
     mine = run.wrap(case)
     base = models.build(case.model)
-    adapted = _adapted_paths(run, mine.model)
+    adapted = run.adapted_paths(run.peft_state(mine.model), base)
     expected = sum(_adapter_size(base, path, case.config["r"]) for path in adapted)
     found = tuple(run.impl.trainable_parameters(mine.model))
     run.check(found == (expected, _count(base) + expected),
@@ -81,7 +77,7 @@ def test_bias_modes_train_biases(run, device, data, bias):
     case = run.draw(data, extras=False, config={"bias": bias})
     mine = run.wrap(case)
     base = models.build(case.model)
-    adapted = _adapted_paths(run, mine.model)
+    adapted = run.adapted_paths(run.peft_state(mine.model), base)
     lora = sum(_adapter_size(base, path, case.config["r"]) for path in adapted)
     biases = {n[:-5]: p.numel() for n, p in base.named_parameters() if n.endswith(".bias")}
     extra = sum(n for path, n in biases.items() if bias == "all" or path in adapted)

@@ -33,8 +33,11 @@ def _normalized(config: dict) -> dict:
     return values
 
 
-def saved(driver, adapted: harness.Adapted, directory: Path) -> tuple[dict, dict]:
+def saved(run, driver, adapted: harness.Adapted, directory: Path) -> tuple[dict, dict]:
+    """Save through `driver` and read both files back (a missing file fails LORA-SER-001, not the test)."""
     driver.save(adapted.model, str(directory))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        run.require((directory / name).is_file(), "LORA-SER-001", f"{driver.name} saved no {name}")
     return json.loads((directory / "adapter_config.json").read_text()), load_file(directory /
                                                                                    "adapter_model.safetensors")
 
@@ -59,8 +62,8 @@ def test_saved_files_hold_the_live_tensors(run, device, data, tmp_path_factory):
 def test_saved_config_matches_peft(run, device, data, tmp_path_factory):
     mine, theirs = run.pair(run.draw(data))
     directory = tmp_path_factory.mktemp("configs")
-    my_config, _ = saved(run.impl, mine, directory / "mine")
-    their_config, _ = saved(run.oracle, theirs, directory / "peft")
+    my_config, _ = saved(run, run.impl, mine, directory / "mine")
+    their_config, _ = saved(run, run.oracle, theirs, directory / "peft")
     for key, value in _normalized(their_config).items():
         run.check(_normalized(my_config)[key] == value,
                   f"adapter_config.json {key}={_normalized(my_config)[key]!r}, peft wrote {value!r}",
@@ -87,7 +90,7 @@ def test_other_adapter_goes_to_a_subfolder(run, device, data, tmp_path_factory):
 def test_overlapping_pattern_keys_survive_a_round_trip(run, device, data, tmp_path_factory):
     mine = run.adapted(run.draw_overlapping_patterns(data))
     directory = tmp_path_factory.mktemp("patterns")
-    config, _ = saved(run.impl, mine, directory)
+    config, _ = saved(run, run.impl, mine, directory)
     for key in ("rank_pattern", "alpha_pattern"):
         run.check(list(config.get(key, {})) == list(mine.case.config[key]),
                   f"saved {key} keys in the order {list(config.get(key, {}))}, built with "
@@ -101,7 +104,7 @@ def test_overlapping_pattern_keys_survive_a_round_trip(run, device, data, tmp_pa
 def test_defaults(run, device, data, tmp_path_factory):
     case = run.draw(data, extras=False)
     case = run.admit(case._replace(config={"target_modules": case.config["target_modules"]}))
-    config, _ = saved(run.impl, run.adapted(case), tmp_path_factory.mktemp("defaults"))
+    config, _ = saved(run, run.impl, run.adapted(case), tmp_path_factory.mktemp("defaults"))
     defaults = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
                 "init_lora_weights": True, "use_dora": False}
     found = {key: _normalized(config)[key] for key in defaults}
@@ -112,7 +115,7 @@ def test_defaults(run, device, data, tmp_path_factory):
 @given(data=st.data(), fan_in_fan_out=st.booleans())
 def test_conv1d_targets_save_fan_in_fan_out(run, device, data, fan_in_fan_out, tmp_path_factory):
     case = run.draw(data, kinds={"conv1d"}, extras=False, config={"fan_in_fan_out": fan_in_fan_out})
-    config, _ = saved(run.impl, run.adapted(case), tmp_path_factory.mktemp("fan_in_fan_out"))
+    config, _ = saved(run, run.impl, run.adapted(case), tmp_path_factory.mktemp("fan_in_fan_out"))
     run.check(_normalized(config)["fan_in_fan_out"] is True,
               f"Conv1D targets with fan_in_fan_out={fan_in_fan_out} saved {config.get('fan_in_fan_out')!r}")
 

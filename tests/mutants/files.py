@@ -30,7 +30,7 @@ class KeysKeepAdapterName(Mutant):
 class EmbeddingKeysWithWeight(Mutant):
     """Embedding adapters are keyed 'lora_embedding_A.weight', like the Linear ones."""
 
-    kills, test = ("LORA-KEYS-002",), "test_keys::test_keys_name_the_module_not_the_adapter"
+    kills, test = ("LORA-KEYS-002",), "test_keys::test_embedding_keys_have_no_weight_suffix"
 
     def adapter_state_dict(self, model, adapter_name="default"):
         return {k + ".weight" if "lora_embedding_" in k else k: v
@@ -140,6 +140,7 @@ class SavesBrokenFilesByModel(Mutant):
     The suite must charge each to its own requirement, with its own example."""
 
     kills, test = ("LORA-SER-001", "LORA-SER-002"), "test_ser::test_saved_files_hold_the_live_tensors"
+    options = ("--peft-profile=ci",)  # several distinct failures in one test are found while shrinking
 
     def save(self, model, directory, adapter_name="default"):
         super().save(model, directory, adapter_name)

@@ -1,6 +1,6 @@
 """Run the whole suite against every broken driver and write the requirement x broken-driver table.
 
-    python -m tests.mutants.table --output docs/mutants.md [--jobs 2] [--profile ci] [NAME ...]
+    python -m tests.mutants.table --output docs/mutants.md [--jobs 2] [--profile gate] [NAME ...]
 
 A broken driver is "killed" when every requirement in its `kills` ends "fail" in its report. Each run is a fresh
 pytest process (a broken driver may patch reference_impl for its own process), with --peft-timeout so that a hang
@@ -90,7 +90,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="broken drivers to run (default: all)")
     parser.add_argument("--output", help="write the Markdown table here")
-    parser.add_argument("--profile", default="ci")
+    parser.add_argument("--profile", default="gate", help="hypothesis profile (gate: ci's draws, unshrunk)")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     names = args.names or list(MUTANTS)
