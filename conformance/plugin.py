@@ -14,12 +14,11 @@ from typing import Optional
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
-from hypothesis.errors import Unsatisfiable
 
-from . import api, checks, expectations, report, spec
+from . import api, expectations, outcomes, report, spec
 from .run import NOT_APPLICABLE, NOT_RUN, Run
 from .terminal import print_summary
-from .verdict import SuiteError, Verdict
+from .verdict import Verdict
 
 ENV = "PEFT_CONFORMANCE_"
 SUITE_DIR = str(Path(__file__).parent / "suite")
@@ -216,19 +215,8 @@ def peft_devices(request) -> list[str]:
 def run(request) -> Run:
     """The test's driver, oracle, axis and verdict (conformance/run.py)."""
     state = request.config.stash[state_key]
-    device, dtype = _axis(request.node)
+    device, dtype = outcomes.axis(request.node)
     return Run(state.impl(), state.oracle(), device, DTYPES[dtype], request.node.stash[verdict_key])
-
-
-def _axis(item) -> tuple[str, str]:
-    params = getattr(item, "callspec", None)
-    params = params.params if params else {}
-    return str(params.get("device", "cpu")), str(params.get("dtype", "float32"))
-
-
-def _cell(item) -> dict:
-    device, dtype = _axis(item)
-    return {"test": item.originalname, "id": item.name, "device": device, "dtype": dtype}
 
 
 def pytest_runtest_setup(item):
@@ -237,7 +225,7 @@ def pytest_runtest_setup(item):
         return
     state = item.config.stash[state_key]
     driver = state.impl()
-    device, dtype = _axis(item)
+    device, dtype = outcomes.axis(item)
     not_applicable, not_run = {}, {}
     for req in _claimed(item):
         requirement = spec.requirement(req)
@@ -248,7 +236,7 @@ def pytest_runtest_setup(item):
         elif dtype not in requirement.dtypes:  # a choice of the run, not a limit of the driver
             not_run[req] = f"checked on {', '.join(requirement.dtypes)} bases: add it to --peft-dtype"
     applicable = tuple(r for r in _claimed(item) if r not in not_applicable and r not in not_run)
-    entries = state.expectations.for_test(_claimed(item), _cell(item)) if state.expectations else []
+    entries = state.expectations.for_test(_claimed(item), outcomes.cell(item)) if state.expectations else []
     item.stash[verdict_key] = Verdict(tuple(_claimed(item)), applicable, dtype, entries)
     item.stash[excluded_key] = {"not_applicable": not_applicable, "not_run": not_run}
     if not applicable:
@@ -293,121 +281,9 @@ def pytest_runtest_makereport(item, call):
     if call.when == "teardown" or (call.when == "setup" and rep.passed):
         return
     state = item.config.stash[state_key]
-    verdict = item.stash.get(verdict_key, None)
-    found = verdict.summary() if verdict else {}
-    result = report.TestOutcome(nodeid=item.nodeid, reqs=_claimed(item), outcome="passed", cell=_cell(item),
-                                **item.stash.get(excluded_key, {}), **found)
-    error = call.excinfo.value if call.excinfo else None
-    if isinstance(error, Unsatisfiable) and verdict is not None:
-        _no_usable_example(result, rep, verdict)
-    elif rep.skipped:
-        reason = str(rep.longrepr[2]) if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        reason = reason.removeprefix("Skipped: ")
-        result.outcome = "not applicable" if reason.startswith(NOT_APPLICABLE) else "not run"
-        result.reason = reason.removeprefix(NOT_APPLICABLE).removeprefix(NOT_RUN)
-    elif rep.failed:
-        result.outcome = "failed"
-        result.failures = _failures(call.excinfo, result)
-        result.repro = _repro(item, state)
-        rep.sections.append(("reproduce", result.repro))
-    _apply_expectations(result, rep, verdict, state.expectations.path if state.expectations else "")
+    result = outcomes.build(item, call, rep, item.stash.get(verdict_key, None), item.stash.get(excluded_key, {}),
+                            state)
     rep.user_properties.append(("peft_conformance", report.outcome_to_dict(result)))
-
-
-def _no_usable_example(result: report.TestOutcome, rep, verdict: Verdict) -> None:
-    """hypothesis found no example to keep: all outside the driver's scope, or all expected failures."""
-    rep.outcome, rep.longrepr = "skipped", None
-    if verdict.expected:
-        result.outcome = "expected fail"
-        rep.wasxfail = "expected: " + "; ".join(sorted(set(verdict.expected.values())))
-    elif verdict.out_of_scope:
-        result.outcome = "not applicable"
-        result.reason = "every drawn case is outside the driver's scope: " + "; ".join(sorted(verdict.out_of_scope))
-        rep.longrepr = (str(rep.fspath), 0, f"Skipped: {NOT_APPLICABLE}{result.reason}")
-    else:
-        result.outcome, rep.outcome = "failed", "failed"
-        result.failures = [{"req": r, "message": "hypothesis found no usable example", "example": ""}
-                           for r in result.applicable()]
-
-
-def _leaves(error) -> list[BaseException]:
-    """The distinct failures behind one test failure (hypothesis groups them)."""
-    if isinstance(getattr(error, "exceptions", None), (list, tuple)):  # an exception group (3.10: the backport)
-        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
-    return [error]
-
-
-def _failures(excinfo, result: report.TestOutcome) -> list[dict]:
-    """One entry per distinct failure and requirement: a requirement's own failure is charged to it; a crash, a
-    hang or a suite bug to the applicable requirements that had not held in the case that failed."""
-    failures = []
-    for error in _leaves(excinfo.value):
-        example = _example(error)
-        if isinstance(error, checks.ConformanceFailure):
-            failures.append({"req": error.req, "message": _first_lines(str(error)), "example": example})
-            continue
-        applicable = result.applicable()
-        charged = [r for r in applicable if r not in result.last_held] or applicable
-        prefix = "SUITE BUG (not the implementation's): " if isinstance(error, SuiteError) else ""
-        message = _first_lines(f"{prefix}{type(error).__name__}: {error}")
-        failures += [{"req": req, "message": message, "example": example} for req in charged]
-    return failures
-
-
-def _example(error: BaseException) -> str:
-    """The shrunk example hypothesis attached to this failure: its "Draw N (label): value" lines."""
-    notes = getattr(error, "__notes__", [])
-    return "\n".join(n.strip() for n in notes if n.strip().startswith("Draw "))[:4000]
-
-
-def _first_lines(text: str, most: int = 8) -> str:
-    return "\n".join(text.splitlines()[:most])
-
-
-def _apply_expectations(result: report.TestOutcome, rep, verdict: Optional[Verdict], path: str) -> None:
-    """Expected failures become "expected fail" (pytest: xfailed); a "fail" entry without `when` whose requirement
-    held is an unexpected pass (a failure). `when` entries were applied per drawn case by the verdict."""
-    entries = verdict.entries if verdict else []
-    test_level = [e for e in entries if not e.when and e.status in ("fail", "flaky")]
-    expected = dict(result.expected)
-    for entry in test_level:
-        if any(f["req"] == entry.req for f in result.failures):
-            expected.setdefault(entry.req, entry.reason)
-    result.expected = expected
-    for failure in result.failures:
-        failure["expected"] = failure["req"] in expected
-    unexpected = {}
-    for entry in test_level:
-        if entry.status == "fail" and entry.req in result.held and entry.req not in expected:
-            unexpected[entry.req] = f"{entry.describe()} is expected to fail in {path} but passed: remove the entry"
-    result.unexpected = unexpected
-    if unexpected:
-        result.outcome = "unexpected pass" if result.outcome in ("passed", "expected fail") else result.outcome
-        rep.outcome, rep.longrepr = "failed", "\n".join(unexpected.values())
-    elif result.outcome == "failed" and all(f["expected"] for f in result.failures):
-        result.outcome = "expected fail"
-        rep.outcome, rep.wasxfail = "skipped", "expected: " + "; ".join(sorted(set(expected.values())))
-    elif result.outcome == "passed" and expected:
-        result.outcome = "expected fail"
-
-
-def _repro(item, state: State) -> str:
-    """A command that reruns this test when pasted into a shell: the driver's import path and this checkout (when
-    the suite is not installed) on PYTHONPATH, and the options that shaped the run."""
-    impl, driver_root = api.driver_source(state.impl_spec)
-    roots = [driver_root] if driver_root else []
-    suite_root = Path(__file__).resolve().parent.parent
-    if "site-packages" not in suite_root.parts:
-        roots.append(str(suite_root))
-    env = f"PYTHONPATH={os.pathsep.join(dict.fromkeys(roots))}{os.pathsep}$PYTHONPATH " if roots else ""
-    options = [f"--peft-impl={impl}", f"--peft-profile={state.profile}"]
-    if state.devices != ["cpu"]:
-        options.append("--peft-device=" + ",".join(state.devices))
-    if state.dtypes != ["float32"]:
-        options.append("--peft-dtype=" + ",".join(state.dtypes))
-    if state.expectations:
-        options.append(f"--peft-expectations={Path(state.expectations.path).resolve()}")
-    return f"{env}pytest '{item.path}::{item.name}' -p conformance.plugin -p no:cacheprovider {' '.join(options)}"
 
 
 class _Collector:

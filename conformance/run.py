@@ -4,9 +4,12 @@ requirements and recorded on its pytest item).
 
     @pytest.mark.req("LORA-FWD-006")
     @given(data=st.data())
-    def test_output_matches_peft(run, data):
+    def test_output_matches_peft(run, device, dtype, data):
         mine, theirs = run.pair(run.draw(data))
         run.close(mine.output(), theirs.output(), "adapted output vs peft's")
+
+A test opts into the device and dtype axes by naming `device` and `dtype` among its arguments (the plugin then
+parametrizes it); `run.device` and `run.dtype` are the axis values (cpu and float32 otherwise).
 """
 
 from dataclasses import dataclass
@@ -37,11 +40,8 @@ class Run:
 
     def __post_init__(self):
         # The assertions, bound to this test's requirements and recorded on its item (conformance/verdict.py).
-        verdict = self.verdict
-        self.check, self.fail, self.same_keys, self.require = verdict.check, verdict.fail, verdict.same_keys, \
-            verdict.require
-        self.raises = verdict.raises
-        self.close, self.equal, self.all_close = verdict.close, verdict.equal, verdict.all_close
+        for name in ("check", "fail", "raises", "same_keys", "close", "equal", "all_close", "require"):
+            setattr(self, name, getattr(self.verdict, name))
 
     # --- the implementations ------------------------------------------------------------------------------------
 

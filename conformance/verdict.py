@@ -23,11 +23,10 @@ class SuiteError(Exception):
 
 @dataclass
 class Example:
-    """One drawn case and what its assertions did."""
+    """One drawn case and the requirements whose assertions held in it."""
 
     case: object = None
     held: set = field(default_factory=set)
-    failed: set = field(default_factory=set)
 
 
 @dataclass
@@ -121,7 +120,6 @@ class Verdict:
             raise SuiteError(f"precondition names unknown requirement {req}")
         if not condition:
             self.blocked_by.add(req)
-            self.example.failed.add(req)
             raise checks.failure(req, message)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
@@ -160,7 +158,6 @@ class Verdict:
 
     def _fail(self, req: str, message: str) -> None:
         __tracebackhide__ = True
-        self.example.failed.add(req)
         for entry in self._when_entries():
             if entry.req == req and entry.status in ("fail", "flaky") and entry.matches_case(self.example.case):
                 self.expected[req] = entry.reason

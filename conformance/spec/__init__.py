@@ -96,6 +96,9 @@ def render_markdown() -> str:
              "Generated from `conformance/spec/requirements.toml` by `peft-conformance spec`; do not edit.", "",
              "Scopes: *driver* requirements are checked for every implementation by `conformance.suite`; "
              "*reference* ones on `reference_impl` by `tests/`; *plugin* ones on the suite itself.", "",
+             "A requirement applies to a driver that declares the capabilities it *needs*, on the cases inside the "
+             "driver's scope; key, shape and value requirements on live adapter tensors are compared through the "
+             "driver's layout mapping when it declares one (docs/verdicts.md).", "",
              "## Tolerance classes", "", "| class | rtol | atol | meaning |", "|---|---|---|---|"]
     for tol in tolerances().values():
         lines.append(f"| `{tol.name}` | {tol.rtol or '-'} | {tol.atol or '-'} | {tol.description} |")
