@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from reference_impl.save_load import PEFT_PREFIX as PREFIX  # peft keys: PREFIX + module path + ".lora_A.weight"
+
 from . import api, models
 from .api import Driver
 from .strategies import Case
-
-PREFIX = "base_model.model."  # how peft keys an adapter tensor: PREFIX + module path + ".lora_A.weight"
 
 
 @dataclass

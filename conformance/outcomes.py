@@ -16,9 +16,8 @@ from .verdict import SuiteError, Verdict
 def build(item, call, rep, verdict: Optional[Verdict], excluded: dict, state) -> report.TestOutcome:
     """The outcome of one phase of a test (setup or call); adjusts `rep` for pytest's own summary."""
     found = verdict.summary() if verdict else {}
-    claimed = [i for marker in item.iter_markers("req") for i in marker.args]
-    result = report.TestOutcome(nodeid=item.nodeid, reqs=claimed, outcome="passed", cell=cell(item), **excluded,
-                                **found)
+    result = report.TestOutcome(nodeid=item.nodeid, reqs=claimed(item), outcome="passed", cell=cell(item),
+                                **excluded, **found)
     error = call.excinfo.value if call.excinfo else None
     if isinstance(error, Unsatisfiable) and verdict is not None:
         _no_usable_example(result, rep, verdict)
@@ -34,6 +33,11 @@ def build(item, call, rep, verdict: Optional[Verdict], excluded: dict, state) ->
         rep.sections.append(("reproduce", result.repro))
     _apply_expectations(result, rep, verdict, state.expectations.path if state.expectations else "")
     return result
+
+
+def claimed(node) -> list[str]:
+    """The requirement IDs a test states in @pytest.mark.req (a test function or item)."""
+    return [i for marker in node.iter_markers("req") for i in marker.args]
 
 
 def axis(item) -> tuple[str, str]:

@@ -161,10 +161,6 @@ def _is_suite_item(item) -> bool:
     return str(item.path).startswith(SUITE_DIR) or "run" in getattr(item, "fixturenames", ())
 
 
-def _claimed(node) -> list[str]:
-    return [i for marker in node.iter_markers("req") for i in marker.args]
-
-
 def pytest_collection_modifyitems(session, config, items):
     state = config.stash[state_key]
     suite_items = [item for item in items if _is_suite_item(item)]
@@ -177,7 +173,7 @@ def pytest_collection_modifyitems(session, config, items):
         torch.backends.cudnn.allow_tf32 = False
     known = spec.requirements()
     for item in suite_items:
-        ids = _claimed(item)
+        ids = outcomes.claimed(item)
         if not ids:
             raise pytest.UsageError(f"{item.nodeid}: a conformance test needs @pytest.mark.req(...)")
         unknown = [i for i in ids if i not in known]
@@ -194,7 +190,7 @@ def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", state.devices)
     if "dtype" in metafunc.fixturenames:
-        covered = {d for req in _claimed(metafunc.definition) if req in spec.requirements()
+        covered = {d for req in outcomes.claimed(metafunc.definition) if req in spec.requirements()
                    for d in spec.requirement(req).dtypes}
         metafunc.parametrize("dtype", [d for d in state.dtypes if d in covered] or state.dtypes)
 
@@ -227,7 +223,7 @@ def pytest_runtest_setup(item):
     driver = state.impl()
     device, dtype = outcomes.axis(item)
     not_applicable, not_run = {}, {}
-    for req in _claimed(item):
+    for req in outcomes.claimed(item):
         requirement = spec.requirement(req)
         needed = set(requirement.capabilities) | ({"cuda"} if device.startswith("cuda") else set())
         missing = sorted(needed - set(driver.capabilities))
@@ -235,9 +231,9 @@ def pytest_runtest_setup(item):
             not_applicable[req] = f"{driver.name} does not declare {', '.join(missing)}"
         elif dtype not in requirement.dtypes:  # a choice of the run, not a limit of the driver
             not_run[req] = f"checked on {', '.join(requirement.dtypes)} bases: add it to --peft-dtype"
-    applicable = tuple(r for r in _claimed(item) if r not in not_applicable and r not in not_run)
-    entries = state.expectations.for_test(_claimed(item), outcomes.cell(item)) if state.expectations else []
-    item.stash[verdict_key] = Verdict(tuple(_claimed(item)), applicable, dtype, entries)
+    applicable = tuple(r for r in outcomes.claimed(item) if r not in not_applicable and r not in not_run)
+    entries = state.expectations.for_test(outcomes.claimed(item), outcomes.cell(item)) if state.expectations else []
+    item.stash[verdict_key] = Verdict(tuple(outcomes.claimed(item)), applicable, dtype, entries)
     item.stash[excluded_key] = {"not_applicable": not_applicable, "not_run": not_run}
     if not applicable:
         reasons = "; ".join(sorted(set(not_applicable.values()) | set(not_run.values())))

@@ -12,6 +12,8 @@ from typing import Optional
 
 from torch import nn
 
+from reference_impl.targeting import is_conv1d_transformers
+
 from . import api, models
 
 # A config field at a value other than peft's default needs the capability named here.
@@ -39,7 +41,7 @@ def features(config: dict, adapter_name: str = "default") -> set[str]:
 def layer_kind(module: nn.Module) -> Optional[str]:
     """The capability that covers adapting `module`: linear, conv1d (GPT-2's), embedding, conv2d; None if LoRA
     cannot adapt it."""
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+    if is_conv1d_transformers(module):
         return models.CONV1D
     if isinstance(module, nn.Linear):
         return models.LINEAR

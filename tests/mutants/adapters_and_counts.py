@@ -3,7 +3,7 @@ other libraries get them wrong; and drivers that crash, hang or return garbage (
 
 import contextlib
 
-from tests.mutants.base import Mutant, lora_layers
+from tests.mutants.base import Mutant, lora_layers, named
 
 
 class TotalExcludesTheAdapter(Mutant):
@@ -89,10 +89,7 @@ class SecondAdapterKeysNamed(Mutant):
 
     def adapter_state_dict(self, model, adapter_name="default"):
         live = super().adapter_state_dict(model, adapter_name)
-        if adapter_name == "default":
-            return live
-        return {k.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(".lora_B.", f".lora_B.{adapter_name}."): v
-                for k, v in live.items()}
+        return live if adapter_name == "default" else named(live, adapter_name)
 
 
 class CudaDropsTheAdapter(Mutant):

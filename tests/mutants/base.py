@@ -81,5 +81,11 @@ def renamed(state: dict, old: str, new: str) -> dict:
     return {key.replace(old, new): value for key, value in state.items()}
 
 
+def named(state: dict, adapter_name: str) -> dict:
+    """Keys with the adapter name kept in them: lora_A.<name>.weight."""
+    return {k.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(".lora_B.", f".lora_B.{adapter_name}."): v
+            for k, v in state.items()}
+
+
 def round_to_bf16(tensors: dict) -> dict:
     return {k: v.to(torch.bfloat16).to(v.dtype) for k, v in tensors.items()}

@@ -8,9 +8,9 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from tests.mutants.base import Mutant, adapter_dir, edit_files, edited_copy, renamed, round_to_bf16
+from conformance.harness import PREFIX
+from tests.mutants.base import Mutant, adapter_dir, edit_files, edited_copy, named, renamed, round_to_bf16
 
-PREFIX = "base_model.model."
 
 
 class KeysKeepAdapterName(Mutant):
@@ -19,9 +19,7 @@ class KeysKeepAdapterName(Mutant):
     kills, test = ("LORA-KEYS-001",), "test_keys::test_keys_match_peft"
 
     def adapter_state_dict(self, model, adapter_name="default"):
-        live = super().adapter_state_dict(model, adapter_name)
-        return {k.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(".lora_B.", f".lora_B.{adapter_name}."): v
-                for k, v in live.items()}
+        return named(super().adapter_state_dict(model, adapter_name), adapter_name)
 
     def load_adapter_state_dict(self, model, state_dict, adapter_name="default"):
         super().load_adapter_state_dict(model, renamed(state_dict, f".{adapter_name}.", "."), adapter_name)
