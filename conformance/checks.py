@@ -45,7 +45,8 @@ class Measurement:
 
 def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: spec.Tolerance,
             what: str) -> tuple[Optional[Measurement], Optional[str]]:
-    """|actual - expected| <= atol + rtol * |expected| everywhere (torch.equal for the class "exact").
+    """|actual - expected| <= atol + rtol * |expected| everywhere (torch.equal for the class "exact"); with
+    atol_per_unit, atol * max(1, max|expected|).
     Returns the measurement (None when shapes or dtypes differ) and what went wrong (None when it holds)."""
     if tuple(actual.shape) != tuple(expected.shape):
         return None, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
@@ -57,7 +58,9 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: spec.Tolera
     diff = (a - e).abs()
     diff[torch.isnan(a) & torch.isnan(e)] = 0  # NaN where NaN is expected counts as equal
     diff[torch.isnan(a) ^ torch.isnan(e)] = float("inf")
-    allowed = tolerance.atol + tolerance.rtol * e.abs()
+    # Rounding in a sum grows with its terms, not with the one element: atol_per_unit scales atol by the tensor.
+    unit = max(1.0, float(e.abs().max())) if tolerance.atol_per_unit and e.numel() else 1.0
+    allowed = tolerance.atol * unit + tolerance.rtol * e.abs()
     bad = diff > allowed if not tolerance.exact else diff > 0
     max_abs = float(diff.max()) if diff.numel() else 0.0
     max_rel = float((diff / e.abs().clamp_min(1e-30)).max()) if diff.numel() else 0.0

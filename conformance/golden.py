@@ -1,10 +1,11 @@
-"""Golden fixtures: what peft wrote and computed for a tiny GPT-2, frozen in versioned folders.
+"""Golden fixtures: what peft wrote and computed for tiny models of the zoo, frozen in versioned folders.
 
     fixtures/FIXTURES.lock                       sha256 of every fixture file, all versions
-    fixtures/v1/base/{config.json, model.safetensors}
+    fixtures/v1/base/{config.json, model.safetensors}   the tiny GPT-2 (v1 has no other base)
+    fixtures/v2/bases/<zoo model>/{config.json, model.safetensors}   v2: Llama, BERT classifier, T5, LLaVA
     fixtures/v1/gpt2-counts.json                 full-size GPT-2 parameter counts, recorded from peft
     fixtures/v1/cases/<case>/adapter/...         the adapter directory peft wrote
-    fixtures/v1/cases/<case>/{inputs,expected}.safetensors, manifest.json
+    fixtures/v1/cases/<case>/{inputs,expected}.safetensors, manifest.json ("base": its zoo model, from v2 on)
 
 Versions are append-only: `generate` writes a new version folder and never edits an old one.
 """
@@ -42,6 +43,7 @@ class CaseSpec:
     requirements: tuple[str, ...]
     adapter_name: str = "default"
     second: Optional[dict] = None
+    base: str = "gpt2-tiny"  # the zoo model the case adapts
 
 
 CASE_SPECS = [
@@ -72,6 +74,28 @@ CASE_SPECS = [
              ("LORA-SER-004", "LORA-KEYS-001"), adapter_name="custom"),
     CaseSpec("two-adapters", {"r": 4, "target_modules": ["c_attn"]}, ("LORA-MULTI-002",),
              second={"r": 2, "lora_alpha": 16, "target_modules": ["c_fc"]}),
+    # v2: the models LoRA is used on.
+    CaseSpec("llama-r8-q_proj+v_proj", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                                        "task_type": "CAUSAL_LM"}, ("LORA-FWD-001", "LORA-KEYS-003"), base="llama"),
+    CaseSpec("llama-r4-all-linear", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+             ("LORA-MATCH-004",), base="llama"),
+    CaseSpec("llama-r4-attention-dora", {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                         "use_dora": True}, ("LORA-FWD-008", "LORA-KEYS-005"), base="llama"),
+    CaseSpec("llama-r8-rslora", {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                 "use_rslora": True}, ("LORA-FWD-002",), base="llama"),
+    CaseSpec("llama-patterns", {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"],
+                                "rank_pattern": {"down_proj": 2},
+                                "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 32}},
+             ("LORA-MATCH-009",), base="llama"),
+    CaseSpec("llama-lm_head+embed_tokens", {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "lm_head"]},
+             ("LORA-FWD-003", "LORA-KEYS-010"), base="llama"),
+    CaseSpec("bert-seq_cls", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+             ("LORA-TASK-001",), base="bert-classifier"),
+    CaseSpec("t5-seq2seq", {"r": 4, "lora_alpha": 8, "target_modules": ["q", "v"], "task_type": "SEQ_2_SEQ_LM"},
+             ("LORA-TASK-002",), base="t5"),
+    CaseSpec("llava-language-model", {"r": 4, "lora_alpha": 8,
+                                      "target_modules": r".*language_model.*\.(q_proj|v_proj)"},
+             ("LORA-KEYS-001",), base="llava"),
 ]
 
 # Full-size GPT-2 on the meta device: (target_modules, r) -> (trainable, total), recorded from peft.
@@ -95,6 +119,14 @@ class Case:
     @property
     def adapter_name(self) -> str:
         return self.manifest["adapter_name"]
+
+    @property
+    def base(self) -> str:
+        """The zoo model the case adapts (v1 manifests predate the field: the tiny GPT-2)."""
+        return self.manifest.get("base", "gpt2-tiny")
+
+    def base_model(self) -> torch.nn.Module:
+        return base_model(self.version, self.path.parents[2], self.base)
 
     def adapter_dir(self, name: Optional[str] = None) -> Path:
         name = name or self.adapter_name
@@ -138,10 +170,20 @@ def cases(folder: Optional[Path] = None) -> list[Case]:
     return out
 
 
-def base_model(version: str, folder: Optional[Path] = None) -> torch.nn.Module:
-    """The stored tiny GPT-2, in eval mode: its weights come from the file, not from torch's RNG."""
+def base_model(version: str, folder: Optional[Path] = None, name: str = "gpt2-tiny") -> torch.nn.Module:
+    """A stored base model, in eval mode: its weights come from the file, not from torch's RNG. The tiny GPT-2
+    is in <version>/base; the other zoo models (v2 on) in <version>/bases/<name>, built by the zoo and then
+    loaded with the stored weights (shared tensors, such as T5's embeddings, stored once)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if name != "gpt2-tiny":
+        model = models.build(name)
+        stored = load_file((folder or root()) / version / "bases" / name / "model.safetensors")
+        missing, unexpected = model.load_state_dict(stored, strict=False)
+        if unexpected or set(missing) - set(_aliases(model)):
+            raise ValueError(f"{version}/bases/{name}: the stored weights do not fit the zoo's {name} (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+        return model.eval()
     base = (folder or root()) / version / "base"
     model = GPT2LMHeadModel(GPT2Config.from_dict(json.loads((base / "config.json").read_text())))
     state = load_file(base / "model.safetensors")
@@ -193,9 +235,27 @@ def _write_base(folder: Path) -> torch.nn.Module:
     return model
 
 
+def _aliases(model: torch.nn.Module) -> list[str]:
+    """state_dict keys whose tensor an earlier key already holds (tied weights: T5's shared embeddings)."""
+    seen, aliases = set(), []
+    for key, tensor in model.state_dict().items():
+        (aliases.append(key) if tensor.data_ptr() in seen else seen.add(tensor.data_ptr()))
+    return aliases
+
+
+def _write_other_base(name: str, folder: Path) -> torch.nn.Module:
+    model = models.build(name, 0)
+    (folder / name).mkdir(parents=True)
+    (folder / name / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
+    aliases = set(_aliases(model))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    save_file(state, folder / name / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
 def _logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs).logits.contiguous()
+        return models.output_tensor(model(**inputs)).contiguous()
 
 
 def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: str) -> None:
@@ -212,7 +272,7 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
         peft.set_peft_model_state_dict(model, harness.adapter_values(
             peft.get_peft_model_state_dict(model, adapter_name=SECOND), seed + 1), SECOND)
     model.eval()
-    inputs = models.inputs("gpt2-tiny", 0)
+    inputs = models.inputs(spec.base, 0)
     expected = {"unmerged": _logits(model, inputs)}
     with model.disable_adapter():
         expected["disabled"] = _logits(model, inputs)
@@ -228,12 +288,13 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
     save_file(expected, folder / "expected.safetensors", metadata={"format": "pt"})
     names = [spec.adapter_name] + ([SECOND] if spec.second else [])
     manifest = {
-        "case": spec.name, "fixture_version": version, "spec_version": SPEC_VERSION,
+        "case": spec.name, "base": spec.base, "fixture_version": version, "spec_version": SPEC_VERSION,
         "requirements": list(spec.requirements), "adapter_name": spec.adapter_name,
         "adapters": names, "config": spec.config, "second_config": spec.second, "values_seed": seed,
         "producer": _producers(), "tolerance_class": "golden",
-        "inputs": "input_ids (2, 8) from gpt2-tiny seed 0, row 2 right-padded by 3 with attention_mask 0",
-        "expected": "logits with the adapter active (unmerged), merged, disabled; 'second': the second adapter",
+        "inputs": f"{spec.base} inputs from seed 0 (conformance/models.py), row 2 right-padded by 3",
+        "expected": "logits (question answering: start and end logits stacked) with the adapter active "
+                    "(unmerged), merged, disabled; 'second': the second adapter",
         "keys": {n: {k: [list(v.shape), str(v.dtype)] for k, v in sorted(load_file(
             (folder / "adapter" if n == "default" else folder / "adapter" / n) / "adapter_model.safetensors")
             .items())} for n in names},
@@ -257,10 +318,12 @@ def _write_counts(folder: Path) -> None:
 
 
 def _write_version(folder: Path, version: str) -> None:
-    base = _write_base(folder / "base")
+    bases = {"gpt2-tiny": _write_base(folder / "base")}
+    for name in sorted({spec.base for spec in CASE_SPECS} - set(bases)):
+        bases[name] = _write_other_base(name, folder / "bases")
     _write_counts(folder)
     for spec in CASE_SPECS:
-        _write_case(spec, base, folder / "cases" / spec.name, version)
+        _write_case(spec, bases[spec.base], folder / "cases" / spec.name, version)
 
 
 def generate(folder: Optional[Path] = None, version: Optional[str] = None) -> tuple[str, list[str]]:

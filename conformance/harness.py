@@ -69,9 +69,14 @@ def wrap(driver: Driver, case: Case, device: str, dtype: torch.dtype, adapter_na
 
 
 def adapter_values(initial: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Non-zero values for every adapter tensor: its initial value plus N(0, 0.1^2) noise seeded per key."""
+    """Non-zero values for every adapter tensor: its initial value plus N(0, 0.1^2) noise seeded per key. Frozen base
+    weights saved beside the adapter ('...embed_tokens.base_layer.weight', LORA-KEYS-010) keep their values: they
+    are the base model's, and tests compare with the unadapted base."""
     values = {}
     for key, tensor in sorted(initial.items()):
+        if key.endswith(BASE_WEIGHT) and not tensor.requires_grad:
+            values[key] = tensor.detach().cpu().clone()
+            continue
         generator = torch.Generator().manual_seed((seed + zlib.crc32(key.encode())) % 2**63)
         noise = 0.1 * torch.randn(tuple(tensor.shape), generator=generator)
         values[key] = (tensor.detach().float().cpu() + noise).to(tensor.dtype)
@@ -103,9 +108,23 @@ def pair(impl: Driver, oracle: Driver, case: Case, device: str, dtype: torch.dty
 # --- layouts: the driver's own tensors and peft's ---------------------------------------------------------------
 
 def to_driver(driver: Driver, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft-layout tensors in the driver's own layout (the same dict for a driver in peft's layout)."""
+    """peft-layout tensors in the driver's own layout (the same dict for a driver in peft's layout). Base weights
+    saved beside an adapter ('...embed_tokens.base_layer.weight', LORA-KEYS-010) hold unchanged base values; a
+    driver that does not keep them with its adapter is not handed them (KEYS-010 judges that on its own)."""
+    if any(key.endswith(BASE_WEIGHT) for key in tensors) and not _keeps_base_weights(driver, model):
+        tensors = {key: value for key, value in tensors.items() if not key.endswith(BASE_WEIGHT)}
     layout = api.layout_of(driver)
     return dict(tensors) if layout is None else layout.to_driver(model, dict(tensors))
+
+
+BASE_WEIGHT = ".base_layer.weight"
+
+
+def _keeps_base_weights(driver: Driver, model: nn.Module) -> bool:
+    try:
+        return any(key.endswith(BASE_WEIGHT) for key in peft_state(driver, model))
+    except api.NoExactMapping:
+        return False
 
 
 def peft_state(driver: Driver, model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import transformers_zoo as hf
+
 # Layer kinds, named as the driver capabilities that cover them.
 LINEAR, CONV1D, EMBEDDING, CONV2D = "linear", "conv1d", "embedding", "conv2d"
 
@@ -27,6 +29,8 @@ class ZooModel:
     in_blocks: tuple[str, ...] = ()  # target names that live inside numbered blocks
     saveable: tuple[str, ...] = ()  # modules_to_save candidates that hold no target
     layer: str = ""  # the one adaptable layer of a single-layer model (the formula tests use these), else ""
+    task_type: str = ""  # the peft task_type its users set (SEQ_CLS, ...), drawn into configs; "" for none
+    drawn: bool = True  # False: only fixed cases use it (a grouped conv cannot merge, and draws merge)
     description: str = ""
 
     @property
@@ -38,7 +42,10 @@ class ZooModel:
 
 
 def output_tensor(result) -> torch.Tensor:
-    """The tensor a forward pass produces: logits, last hidden state, or the tensor itself."""
+    """The tensor a forward pass produces: logits (start and end logits stacked, for question answering), last
+    hidden state, or the tensor itself."""
+    if getattr(result, "start_logits", None) is not None:
+        return torch.stack([result.start_logits, result.end_logits])
     for name in ("logits", "last_hidden_state"):
         if hasattr(result, name):
             return getattr(result, name)
@@ -165,6 +172,48 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
              description="Embedding (padding_idx 0) then Linear layers"),
     ZooModel("convnet", ConvNet, _tensor_inputs(2, 3, 6, 6), {CONV2D: ("conv1", "conv2"), LINEAR: ("head",)},
              saveable=("norm",), description="Conv2d 3x3 and 1x1, BatchNorm, Linear head"),
+    # Transformers architectures (conformance/transformers_zoo.py). Targets name both transformers 4 and 5 spellings
+    # where they differ; names a model lacks are dropped by the scope probe.
+    ZooModel("llama", hf.llama, hf.text_inputs,
+             {LINEAR: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+                       "self_attn.k_proj"), EMBEDDING: ("embed_tokens",)},
+             layers=(0, 1), layers_pattern="layers",
+             in_blocks=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "self_attn.k_proj"),
+             saveable=("model.norm",), task_type="CAUSAL_LM",
+             description="LlamaForCausalLM, grouped-query attention (4 query heads, 2 key/value heads), untied head"),
+    ZooModel("qwen2-tied", hf.qwen2_tied, hf.text_inputs,
+             {LINEAR: ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"), EMBEDDING: ("embed_tokens",)},
+             layers=(0, 1), layers_pattern="layers", in_blocks=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
+             saveable=("model.norm",), task_type="CAUSAL_LM",
+             description="Qwen2ForCausalLM: q/k/v projections with bias, lm_head tied to embed_tokens"),
+    ZooModel("bert-classifier", hf.bert_classifier, hf.text_inputs,
+             {LINEAR: ("query", "key", "value", "attention.output.dense", "intermediate.dense"),
+              EMBEDDING: ("word_embeddings",)},
+             layers=(0, 1), layers_pattern="layer",
+             in_blocks=("query", "key", "value", "attention.output.dense", "intermediate.dense"),
+             saveable=("pooler",), task_type="SEQ_CLS",
+             description="BertForSequenceClassification, 3 labels: the head is 'classifier'"),
+    ZooModel("roberta-tagger", hf.roberta_tagger, hf.text_inputs,
+             {LINEAR: ("query", "value", "attention.output.dense")}, layers=(0, 1), layers_pattern="layer",
+             in_blocks=("query", "value", "attention.output.dense"), task_type="TOKEN_CLS",
+             description="RobertaForTokenClassification, 5 labels"),
+    ZooModel("bert-qa", hf.bert_qa, hf.text_inputs, {LINEAR: ("query", "value", "intermediate.dense")},
+             task_type="QUESTION_ANS", description="BertForQuestionAnswering: the head is 'qa_outputs'"),
+    ZooModel("t5", hf.t5, hf.encoder_decoder_inputs,
+             {LINEAR: ("q", "k", "v", "o", "wi", "wo", "SelfAttention.q", "EncDecAttention.v")},
+             saveable=("encoder.final_layer_norm",), task_type="SEQ_2_SEQ_LM",
+             description="T5ForConditionalGeneration: encoder and decoder sharing one embedding, decoder_input_ids"),
+    ZooModel("vit", hf.vit, hf.image_inputs,
+             {LINEAR: ("q_proj", "query", "v_proj", "value", "fc1", "intermediate.dense"), CONV2D: ("projection",)},
+             saveable=("classifier",), description="ViTForImageClassification on 16x16 images, 8x8 patches, 3 labels"),
+    # Not the projector (linear_1): with an adapter there, even peft's own save/load round trip changes the logits
+    # in the last bit (1.2e-7, weights bit-identical), so LORA-LOAD-001's exactness would judge the CPU kernels.
+    ZooModel("llava", hf.llava, hf.image_text_inputs,
+             {LINEAR: ("q_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "lm_head",
+                       "language_model.layers.1.self_attn.k_proj"), EMBEDDING: ("embed_tokens",)},
+             description="LlavaForConditionalGeneration: a CLIP vision tower, a projector and a Llama language model "
+                         "under model.language_model"),
     ZooModel("single-linear", lambda: Single(nn.Linear(12, 10)), _tensor_inputs(2, 3, 12), {LINEAR: ("layer",)},
              layer="layer"),
     ZooModel("single-conv1d", _conv1d_single, _tensor_inputs(2, 3, 12), {CONV1D: ("layer",)}, layer="layer"),
@@ -175,6 +224,8 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
              lambda g: {"x": torch.randint(0, 30, (2, 5), generator=g)}, {EMBEDDING: ("layer",)}, layer="layer"),
     ZooModel("single-conv2d", lambda: Single(nn.Conv2d(3, 5, 3, stride=2, padding=1)), _tensor_inputs(2, 3, 7, 7),
              {CONV2D: ("layer",)}, layer="layer"),
+    ZooModel("grouped-conv2d", lambda: Single(nn.Conv2d(4, 6, 3, padding=1, groups=2)), _tensor_inputs(2, 4, 5, 5),
+             {CONV2D: ("layer",)}, layer="layer", drawn=False, description="Conv2d 4 -> 6 in 2 groups (never merged)"),
 ]}
 
 

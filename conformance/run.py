@@ -160,13 +160,15 @@ class Run:
     def gradients(self, adapted: Adapted) -> dict[str, torch.Tensor]:
         """The gradients of the adapter's tensors after a backward pass, in peft's layout."""
         driver = adapted.driver
-        own = {}
-        for key, tensor in driver.adapter_state_dict(adapted.model).items():
-            if tensor.is_floating_point() and tensor.requires_grad:
-                if driver is self.impl:
-                    self.require(tensor.grad is not None, "LORA-KEYS-008",
-                                 f"{key} has no .grad after backward: adapter_state_dict must return live tensors")
-                own[key] = tensor.grad.detach().cpu()
+        trained = {key: tensor for key, tensor in driver.adapter_state_dict(adapted.model).items()
+                   if tensor.is_floating_point() and tensor.requires_grad}
+        # A tensor the forward pass never uses (LLaVA's vision post_layernorm under bias="all") has no .grad in any
+        # implementation: its gradient is zero. Copies instead of live tensors have none at all.
+        if driver is self.impl and trained:
+            self.require(any(t.grad is not None for t in trained.values()), "LORA-KEYS-008",
+                         f"none of the {len(trained)} trainable adapter tensors has a .grad after backward: "
+                         "adapter_state_dict must return live tensors")
+        own = {key: (torch.zeros_like(t) if t.grad is None else t.grad).detach().cpu() for key, t in trained.items()}
         if driver is not self.impl:
             return own
         return harness.peft_gradients(driver, adapted.model, adapted.values, own)

@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import nn
 
+from reference_impl.peft_model import TASK_HEADS
 from reference_impl.targeting import is_conv1d_transformers
 
 from . import api, models
@@ -29,6 +30,7 @@ FEATURES = {
     "bias": ("bias", lambda v: v not in (None, "none")),
     "lora_bias": ("lora_bias", lambda v: bool(v)),
     "modules_to_save": ("modules_to_save", lambda v: bool(v)),
+    "task_type": ("modules_to_save", lambda v: v in TASK_HEADS),  # the task's heads are modules to save
 }
 
 
@@ -64,6 +66,20 @@ def targeted(model: nn.Module, config: dict) -> dict[str, nn.Module]:
             if name and matches_target(name, resolved) and not is_excluded(name, resolved)}
 
 
+def adapts_a_shared_weight(model: nn.Module, config: dict) -> bool:
+    """Does `config` adapt a layer whose weight another module uses too (embed_tokens with a tied lm_head)?
+    Merging puts the delta into the shared weight, so the other module changes as well: peft does so (and warns),
+    and the merge-equals-unmerged requirements leave such cases out (LORA-MERGE-002, LORA-MERGE-010)."""
+    modules_by_weight: dict[int, set[int]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            modules_by_weight.setdefault(weight.data_ptr(), set()).add(id(module))
+    return any(len(modules_by_weight.get(module.weight.data_ptr(), ())) > 1
+               for module in targeted(model, config).values() if isinstance(getattr(module, "weight", None),
+                                                                           nn.Parameter))
+
+
 def needed(model: nn.Module, config: dict, adapter_name: str = "default") -> set[str]:
     """Every capability a case uses: its features and the kinds of layer it adapts."""
     kinds = {layer_kind(module) for module in targeted(model, config).values()}
@@ -81,8 +97,11 @@ def out_of_scope(driver, model: nn.Module, config: dict, adapter_name: str = "de
 @lru_cache(maxsize=None)
 def _probe(driver, model_name: str, target: str) -> Optional[str]:
     model = models.build(model_name)
+    config = {"target_modules": [target]}
     try:
-        return out_of_scope(driver, model, {"target_modules": [target]})
+        if not targeted(model, config):
+            return f"{model_name} has no module named {target!r}"
+        return out_of_scope(driver, model, config)
     except ValueError as error:  # the target matches nothing adaptable
         return str(error)
 
@@ -97,7 +116,8 @@ def targets_in_scope(driver, model_name: str, kinds: Optional[set] = None) -> li
 def models_in_scope(driver, kinds: Optional[set] = None, single_layer: Optional[bool] = None) -> list[str]:
     """Zoo models with at least one target in the driver's scope."""
     return [name for name, zoo in sorted(models.ZOO.items())
-            if (single_layer is None or zoo.single_layer == single_layer) and targets_in_scope(driver, name, kinds)]
+            if zoo.drawn and (single_layer is None or zoo.single_layer == single_layer)
+            and targets_in_scope(driver, name, kinds)]
 
 
 def first_case(driver, kinds: Optional[set] = None, models_first: tuple = ()) -> Optional[tuple[str, str]]:
@@ -105,7 +125,7 @@ def first_case(driver, kinds: Optional[set] = None, models_first: tuple = ()) ->
     in `models_first` are tried before the others, in order."""
     ordered = [m for m in models_first if m in models.ZOO] + [m for m in sorted(models.ZOO) if m not in models_first]
     for name in ordered:
-        if models.ZOO[name].single_layer:
+        if models.ZOO[name].single_layer or not models.ZOO[name].drawn:
             continue
         targets = targets_in_scope(driver, name, kinds)
         if targets:

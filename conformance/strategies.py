@@ -10,6 +10,8 @@ from typing import NamedTuple, Optional
 
 from hypothesis import strategies as st
 
+from reference_impl.peft_model import TASK_HEADS
+
 from . import scope
 from .models import ZOO, ZooModel
 
@@ -55,7 +57,7 @@ def lora_configs(draw, zoo_model: ZooModel, driver, kinds: Optional[set] = None,
     if "dora" in caps and draw(st.booleans(), label="use_dora"):
         config["use_dora"] = True
     elif "lora_bias" in caps and not has_embedding and config["init_lora_weights"] != "gaussian" \
-            and draw(st.booleans(), label="lora_bias"):
+            and _all_biased(zoo_model.name, tuple(targets)) and draw(st.booleans(), label="lora_bias"):
         config["lora_bias"] = True
     if "bias" in caps:
         config["bias"] = draw(st.sampled_from(["none", "none", "lora_only", "all"]), label="bias")
@@ -63,6 +65,10 @@ def lora_configs(draw, zoo_model: ZooModel, driver, kinds: Optional[set] = None,
     if "modules_to_save" in caps and zoo_model.saveable and config.get("bias") != "all" \
             and draw(st.booleans(), label="modules_to_save?"):
         config["modules_to_save"] = [draw(st.sampled_from(zoo_model.saveable), label="modules_to_save")]
+    # The task type its users set; a classifier's task type saves the head (LORA-TASK-001), as modules_to_save does.
+    if zoo_model.task_type and (zoo_model.task_type not in TASK_HEADS or "modules_to_save" in caps
+                                and config.get("bias") != "all") and draw(st.booleans(), label="task_type?"):
+        config["task_type"] = zoo_model.task_type
     if "patterns" in caps and draw(st.booleans(), label="patterns?"):
         config.update(draw(_patterns(zoo_model, targets, overlap), label="patterns"))
     # Only models whose blocks sit below the top level: peft <= 0.20 finds no layer index in "h.0.attn" or
@@ -90,6 +96,16 @@ def _patterns(draw, zoo_model: ZooModel, targets: list[str], overlap: bool = Tru
     rank_keys, alpha_keys = draw(st.permutations(keys), label="r keys"), draw(st.permutations(keys), label="a keys")
     return {"rank_pattern": {key: draw(st.integers(1, 8), label="pattern r") for key in rank_keys},
             "alpha_pattern": {key: draw(st.sampled_from([1, 4, 32]), label="pattern alpha") for key in alpha_keys}}
+
+
+@functools.lru_cache(maxsize=None)
+def _all_biased(model: str, targets: tuple[str, ...]) -> bool:
+    """Do all the layers `targets` adapt have a bias? A lora_bias cannot merge into a layer without one (peft
+    raises at merge), so such configs are not drawn."""
+    from .models import build
+
+    adapted = scope.targeted(build(model), {"target_modules": list(targets)}).values()
+    return all(getattr(module, "bias", None) is not None for module in adapted)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,16 @@ All weights here are seen "out first", (out_features, in_features, ...), through
 """
 
 import torch
+from torch import nn
+
+
+class Magnitude(nn.Module):
+    """The learned magnitude m, held as a module's `weight` so that parameter names are peft's
+    (`...lora_magnitude_vector.<adapter>.weight`); the saved key drops ".weight" (LORA-KEYS-005, LORA-KEYS-009)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(value)
 
 
 def _norm(layer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -28,7 +38,7 @@ def _scale(layer, name: str, dtype: torch.dtype) -> torch.Tensor:
     A, B = layer.factors(name)
     lora_weight = layer.delta_from_factors(A, B).detach().to(dtype)
     norm = _norm(layer, layer.base_layer.weight.to(dtype), layer.scaling[name] * lora_weight).detach()
-    return layer.lora_magnitude_vector[name] / norm
+    return layer.lora_magnitude_vector[name].weight / norm
 
 
 def adapted_output(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -55,7 +65,7 @@ def adapted_output(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> t
 
 def _factor(layer, name: str, norm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """m / norm as a column that broadcasts against the out-first weight."""
-    factor = layer.lora_magnitude_vector[name] / norm
+    factor = layer.lora_magnitude_vector[name].weight / norm
     return factor.flatten().view(-1, *[1] * (weight.dim() - 1))
 
 

@@ -26,16 +26,26 @@ class LoraLayer(nn.Module):
 
     rounds_delta_on_merge = False  # see _fold
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Module]):
         super().__init__()
+        # Registered in peft's order, so that named_parameters() lists the same names in the same order
+        # (optimizer checkpoints index parameters by position). LORA-KEYS-009.
         self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA only
+        for name, container in factors.items():
+            setattr(self, name, container)
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA only: adapter name -> dora.Magnitude
         self.r, self.lora_alpha, self.scaling, self.lora_bias = {}, {}, {}, {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.dora_merge_norms: dict[str, torch.Tensor] = {}
         self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code reads it through the layer (ViT's patch embedding asks
+        `projection.weight.dtype`), as it can in peft. Not a parameter of this module."""
+        return self.base_layer.weight
 
     def _add_settings(self, name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
         """Rank, scaling and dropout of a new adapter. Spec: LORA-FWD-002 (scaling), LORA-FWD-004 (dropout)."""
@@ -50,7 +60,7 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight
         self._convert(name, device=weight.device, dtype=weight.dtype)
         if config.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(dora.initial_magnitude(self, name))
+            self.lora_magnitude_vector[name] = dora.Magnitude(dora.initial_magnitude(self, name))
         if upcast_half and weight.dtype in (torch.float16, torch.bfloat16):
             self._convert(name, dtype=torch.float32)
 
@@ -160,11 +170,10 @@ class Linear(LoraLayer):
     """LoRA for nn.Linear, and for GPT-2's Conv1D, whose weight is stored transposed (fan_in_fan_out)."""
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
+        super().__init__(base_layer, {"lora_A": nn.ModuleDict(), "lora_B": nn.ModuleDict()})
         self.fan_in_fan_out = is_conv1d_transformers(base_layer)
         weight_shape = tuple(base_layer.weight.shape)
         self.in_features, self.out_features = weight_shape if self.fan_in_fan_out else weight_shape[::-1]
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
 
     def factor_containers(self):
         return self.lora_A, self.lora_B
@@ -178,7 +187,7 @@ class Linear(LoraLayer):
         tensors = {f"lora_A.{key}": p for key, p in self.lora_A[name].named_parameters()}
         tensors.update({f"lora_B.{key}": p for key, p in self.lora_B[name].named_parameters()})
         if name in self.lora_magnitude_vector:
-            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
         return tensors
 
     def make_factors(self, r: int, lora_bias: bool, initialize: bool = True) -> tuple[nn.Module, nn.Module]:
@@ -233,10 +242,9 @@ class Conv(Linear):
     1, as in peft), B a 1x1 conv with the base's groups. Spec: LORA-FWD-009."""
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd):
-        LoraLayer.__init__(self, base_layer)
+        LoraLayer.__init__(self, base_layer, {"lora_A": nn.ModuleDict(), "lora_B": nn.ModuleDict()})
         self.fan_in_fan_out = False
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         if base_layer.groups > 1:
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
 
@@ -253,7 +261,11 @@ class Conv(Linear):
         return A, B
 
     def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("or,ri...->oi...", B.flatten(1), A)  # (out, in, *kernel)
+        """B @ A reshaped to the base weight, (out, in / groups, *kernel). With groups > 1 this is how peft reads
+        the factors for DoRA's norm (B viewed as (-1, r)): not the grouped conv's own delta, but such a layer is
+        never merged, so the norm is its only use."""
+        r = A.shape[0]
+        return (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(self.base_layer.weight.shape)
 
     def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
         return None
@@ -278,9 +290,8 @@ class Embedding(LoraLayer):
     rounds_delta_on_merge = True  # see LoraLayer._fold
 
     def __init__(self, base_layer: nn.Embedding):
-        super().__init__(base_layer)
+        super().__init__(base_layer, {"lora_embedding_A": nn.ParameterDict(), "lora_embedding_B": nn.ParameterDict()})
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
 
     def factor_containers(self):
         return self.lora_embedding_A, self.lora_embedding_B
@@ -292,7 +303,7 @@ class Embedding(LoraLayer):
         """Saved without ".weight": lora_embedding_A, lora_embedding_B. Spec: LORA-KEYS-002."""
         tensors = {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
         if name in self.lora_magnitude_vector:
-            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
         return tensors
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool,

@@ -76,6 +76,12 @@ class LoraModel(nn.Module):
             if unmatched := unmatched_pattern_keys(patterns, targeted):
                 warnings.warn(f"The following {label} keys did not match any targeted module and were ignored: "
                               f"{unmatched}.", RuntimeWarning)
+        if getattr(getattr(self.model, "config", None), "tie_word_embeddings", False) and \
+                any(name.rpartition(".")[2] in ("embed_tokens", "lm_head") for name in targeted):
+            # Both ends of a tied pair share one weight: merging one adapter changes both (LORA-MERGE-010).
+            warnings.warn(f"Model with `tie_word_embeddings=True` and the tied target modules "
+                          f"{[n for n in targeted if n.rpartition('.')[2] in ('embed_tokens', 'lm_head')]} are part "
+                          "of the adapter: merging it changes the input and the output embedding together.")
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.targeted_module_names += [n for n in targeted if n not in self.targeted_module_names]
@@ -182,7 +188,24 @@ class LoraModel(nn.Module):
             _swap(self.model, path, layer.base_layer)
         for path, wrapper in [(p, m) for p, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
             _swap(self.model, path, wrapper.active_module())
+        if merge:
+            untie_if_diverged(self.model)
         return self.model
+
+
+def untie_if_diverged(model: nn.Module) -> None:
+    """After a merge, a config that says the input and output embeddings are tied must not lie: if the two weights
+    no longer share storage, say so (tie_word_embeddings=False), as peft does. Merging into a tied weight changes
+    both, so they stay tied; they diverge when the model came with them already split. Spec: LORA-MERGE-010."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_input_embeddings"):
+        return
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    weights = [getattr(layer, "weight", None) for layer in layers]
+    if None not in weights and weights[0].data_ptr() != weights[1].data_ptr():
+        config.tie_word_embeddings = False
+        warnings.warn("Input and output embeddings are no longer tied after merging. "
+                      "Setting `tie_word_embeddings=False` in the model config.")
 
 
 

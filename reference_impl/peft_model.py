@@ -5,6 +5,7 @@ Spec areas: PARAM (counts), SER (save_pretrained), LOAD (from_pretrained, load_a
 """
 
 import contextlib
+import copy
 import warnings
 from typing import Optional
 
@@ -15,13 +16,35 @@ from .config import LoraConfig
 from .model import LoraModel
 
 
+# The heads a task type trains and saves in full, added to every adapter's modules_to_save (peft_model.py:1830,
+# 2680, 2915). Names absent from the model are simply not found.
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+
+
+def with_task_heads(config: LoraConfig, task_type: Optional[str]) -> LoraConfig:
+    """`config` with the task's heads appended to modules_to_save. peft appends on every wrap, also when loading
+    a config that already lists them, so a saved-then-loaded classifier adapter lists them twice. Spec:
+    LORA-TASK-001."""
+    heads = TASK_HEADS.get(task_type)
+    if not heads:
+        return config
+    config = copy.deepcopy(config)
+    config.modules_to_save = [*(config.modules_to_save or []), *heads]
+    return config
+
+
 class PeftModel(nn.Module):
     """A model with LoRA adapters. Calls and unknown attributes go to the wrapped model, so a transformers
-    model keeps its forward signature (input_ids, attention_mask, labels, ...) and its methods."""
+    model keeps its forward signature (input_ids, attention_mask, labels, decoder_input_ids, pixel_values, ...)
+    and its methods. The first adapter's task_type decides which heads every adapter trains (peft picks its
+    PeftModelFor<Task> class the same way). Spec: LORA-TASK-001..003."""
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", initialize: bool = True):
         super().__init__()
-        self.base_model = LoraModel(model, config, adapter_name, initialize=initialize)
+        self.task_type = config.task_type
+        self.base_model = LoraModel(model, with_task_heads(config, self.task_type), adapter_name,
+                                    initialize=initialize)
 
     def forward(self, *args, **kwargs):
         return self.base_model.model(*args, **kwargs)
@@ -63,7 +86,7 @@ class PeftModel(nn.Module):
     # --- adapters ---------------------------------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        self.base_model.add_adapter(adapter_name, peft_config)
+        self.base_model.add_adapter(adapter_name, with_task_heads(peft_config, self.task_type))
 
     def set_adapter(self, adapter_name: str) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -156,7 +179,7 @@ class PeftModel(nn.Module):
         config = save_load.read_config(model_id, ignore_unknown_keys)
         tensors = save_load.read_weights(model_id, allow_pickle)
         config.inference_mode = not is_trainable
-        self.base_model.add_adapter(adapter_name, config, initialize=False)
+        self.base_model.add_adapter(adapter_name, with_task_heads(config, self.task_type), initialize=False)
         try:
             keys = self._set_weights(tensors, model_id, adapter_name)
         except ValueError:

@@ -9,6 +9,7 @@ adapter is saved in a subfolder named after it (LORA-SER-004).
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,12 +19,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoraConfig
+from .layers import LoraLayer
 from .model import LoraModel, adapter_parameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # peft's EMBEDDING_LAYER_NAMES
 
 
 class IncompatibleKeys(NamedTuple):
@@ -46,8 +49,33 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     if adapter_name not in owner.peft_config:
         raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {sorted(owner.peft_config)}")
     inner = owner.model if prefix else owner
-    bias = owner.peft_config[adapter_name].bias
-    return {prefix + path: p for path, p in adapter_parameters(inner, adapter_name, bias)}
+    config = owner.peft_config[adapter_name]
+    tensors = {prefix + path: p for path, p in adapter_parameters(inner, adapter_name, config.bias)}
+    return tensors | {prefix + path: p for path, p in saved_embeddings(inner, config)}
+
+
+def _targets_embeddings(model: nn.Module, config: LoraConfig) -> bool:
+    """Does target_modules name embed_tokens or lm_head? Literally, for a list; for a regex, by matching a module
+    whose name ends in one of them. GPT-2's 'wte' is not such a name."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return targets != "all-linear" and any(
+            re.fullmatch(targets, name) for name, _ in model.named_modules()
+            if name.rpartition(".")[2] in EMBEDDING_NAMES)
+    return any(name in (targets or ()) for name in EMBEDDING_NAMES)
+
+
+def saved_embeddings(model: nn.Module, config: LoraConfig):
+    """(path, tensor) of the base weights peft saves beside an adapter that targets embed_tokens or lm_head: those
+    of the model's input and output embeddings that carry LoRA, as '<path>.base_layer.weight'. They are frozen base
+    weights, saved so that a resized vocabulary travels with the adapter. Spec: LORA-KEYS-010."""
+    if not _targets_embeddings(model, config) or not hasattr(model, "get_input_embeddings"):
+        return
+    paths = {id(module): path for path, module in model.named_modules()}
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if isinstance(layer, LoraLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            path = paths[id(layer)]
+            yield from ((f"{path}.base_layer.{name}", p) for name, p in layer.base_layer.named_parameters())
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict=None, adapter_name: str = "default"):
@@ -57,20 +85,23 @@ def get_peft_model_state_dict(model: nn.Module, state_dict=None, adapter_name: s
 
 def set_peft_model_state_dict(model: nn.Module, state_dict: dict, adapter_name: str = "default") -> IncompatibleKeys:
     """Copy saved tensors into adapter `adapter_name`. Keys with the "base_model.model." prefix are accepted by
-    an injected model too. Spec: LORA-LOAD-005."""
+    an injected model too. A key that names a parameter or buffer of the model itself (a layer norm's weight, an
+    embedding's 'base_layer.weight') is copied into it, as peft's non-strict load_state_dict does: the base model
+    changes, and unload keeps the change. Spec: LORA-LOAD-005, LORA-LOAD-007."""
     params = adapter_state_dict(model, adapter_name)
     if params and not next(iter(params)).startswith(PEFT_PREFIX):
         state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
-    for key, value in state_dict.items():
-        if key in params and params[key].shape != value.shape:
-            raise ValueError(f"Shape mismatch for {key}: the checkpoint has {tuple(value.shape)}, "
-                             f"the model expects {tuple(params[key].shape)}")
+    base = {key: tensor for key, tensor in model.state_dict(keep_vars=True).items() if key not in params}
+    targets = {key: params.get(key, base.get(key)) for key in state_dict if key in params or key in base}
+    for key, tensor in targets.items():
+        if tensor.shape != state_dict[key].shape:
+            raise ValueError(f"Shape mismatch for {key}: the checkpoint has {tuple(state_dict[key].shape)}, "
+                             f"the model expects {tuple(tensor.shape)}")
     with torch.no_grad():
-        for key, value in state_dict.items():
-            if key in params:
-                params[key].copy_(value)
+        for key, tensor in targets.items():
+            tensor.copy_(state_dict[key])
     missing = [key for key in params if key not in state_dict]
-    return IncompatibleKeys(missing, [key for key in state_dict if key not in params])
+    return IncompatibleKeys(missing, [key for key in state_dict if key not in targets])
 
 
 def adapter_directory(directory, adapter_name: str) -> Path:

@@ -270,3 +270,33 @@ def test_interrupted_save_leaves_no_loadable_mixture(tiny_gpt2, tmp_path, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean, complete directory again
         ref.PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+
+
+@pytest.mark.parametrize("model_name, config", [
+    ("bert-classifier", dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])),
+    ("bert-qa", dict(task_type="QUESTION_ANS", r=4, target_modules=["query"], modules_to_save=["pooler"])),
+    ("llama", dict(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "k_proj"], use_dora=True)),
+    ("llava", dict(r=4, target_modules=["q_proj", "embed_tokens"])),
+])
+def test_task_models_match_peft_in_memory_on_disk_and_after_reload(model_name, config, tmp_path):
+    from conformance import harness, models
+
+    mine, theirs = _pair(lambda: models.build(model_name), config)
+    values = harness.adapter_values(peft.get_peft_model_state_dict(theirs), seed=7)  # trained-looking values
+    peft.set_peft_model_state_dict(theirs, values)
+    ref.set_peft_model_state_dict(mine, values)
+    assert mine.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert [n for n, _ in mine.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert list(mine.state_dict()) == list(theirs.state_dict())
+    mine.save_pretrained(tmp_path / "mine")
+    theirs.save_pretrained(tmp_path / "theirs")
+    saved = [json.loads((tmp_path / who / "adapter_config.json").read_text()) for who in ("mine", "theirs")]
+    assert saved[0]["modules_to_save"] == saved[1]["modules_to_save"]
+    tensors = [load_file(tmp_path / who / "adapter_model.safetensors") for who in ("mine", "theirs")]
+    assert tensors[0].keys() == tensors[1].keys()
+    inputs = models.inputs(model_name, 0)
+    with torch.no_grad():  # each library loads the other's directory and computes what the writer computed
+        for writer, reader, lib in ((mine.eval(), "mine", peft), (theirs.eval(), "theirs", ref)):
+            reloaded = lib.PeftModel.from_pretrained(models.build(model_name), tmp_path / reader).eval()
+            torch.testing.assert_close(models.output_tensor(reloaded(**inputs)),
+                                       models.output_tensor(writer(**inputs)))

@@ -69,6 +69,11 @@ class MlxDriver(SwapDriver):
     capabilities = frozenset({"linear", "rslora", "merge", "unload", "save_load"})
     honoured = {"lora_dropout", "use_rslora"}
 
+    def supports(self, model: nn.Module, config: dict):
+        if any(p.is_meta for p in model.parameters()):
+            return "mlx-lm copies the base weights into MLX arrays, and a model on the meta device has none"
+        return super().supports(model, config)
+
     def wrap(self, model: nn.Module, config: dict, adapter_name: str = "default") -> nn.Module:
         config = self.checked(config, adapter_name)
         targets, originals = config["target_modules"], {}

@@ -60,6 +60,7 @@ class Tolerance:
     description: str
     rtol: float = 0.0
     atol: float = 0.0
+    atol_per_unit: bool = False  # atol scales with the tensor's largest |value| (when above 1)
     extra: dict = field(default_factory=dict)
 
     @property

@@ -112,6 +112,14 @@ def test_dora_linear_formula(run, device, data):
     run.close(mine.output(), expected, "DoRA layer vs m/||W + sBA|| (W + sBA) x + b")
 
 
+@pytest.mark.req("LORA-FWD-008")
+def test_dora_on_a_grouped_conv_matches_peft(run, device):
+    # peft reads B (out, r / groups, 1, 1) as (-1, r) for DoRA's norm; an implementation that takes the grouped
+    # conv's own delta, or refuses the layer, departs from it.
+    mine, theirs = run.pair(run.fixed("grouped-conv2d", {"target_modules": ["layer"], "r": 4, "use_dora": True}))
+    run.close(mine.output(), theirs.output(), "DoRA on Conv2d(groups=2) vs peft's")
+
+
 @pytest.mark.req("LORA-FWD-009")
 @given(data=st.data())
 def test_conv_layer_formula(run, device, data):

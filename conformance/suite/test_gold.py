@@ -10,24 +10,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conformance import golden, harness, scope
+from conformance import golden, harness, models, scope
+from reference_impl.peft_model import TASK_HEADS
 
 CASES = golden.cases()
 IDS = [case.id for case in CASES]
 
 
 def _in_scope(run, case: golden.Case) -> None:
-    run.fixed(case.id, case.manifest["config"], case.adapter_name, base=golden.base_model(case.version))
+    run.fixed(case.id, case.manifest["config"], case.adapter_name, base=case.base_model())
 
 
 def _loaded(run, case: golden.Case):
-    model = run.impl.load(golden.base_model(case.version), str(case.adapter_dir()), case.adapter_name)
+    model = run.impl.load(case.base_model(), str(case.adapter_dir()), case.adapter_name)
     model.eval()
     return model
 
 
 def _output(model, case: golden.Case) -> torch.Tensor:
-    return model(**case.inputs()).logits
+    return models.output_tensor(model(**case.inputs()))
 
 
 @pytest.mark.req("LORA-GOLD-001")
@@ -87,6 +88,8 @@ def test_saving_again_writes_peft_s_files(run, case, tmp_path):
                 else "LORA-SER-001", f"no adapter_model.safetensors in {written}")
     run.all_close(load_file(written / "adapter_model.safetensors"), case.tensors(), f"case {case.id}: re-saved")
     mine, stored = json.loads((written / "adapter_config.json").read_text()), case.config()
+    if stored.get("task_type") in TASK_HEADS:  # loading appends the task's heads once more (LORA-TASK-003)
+        stored["modules_to_save"] = stored["modules_to_save"] + TASK_HEADS[stored["task_type"]]
     for key in ("r", "lora_alpha", "use_rslora", "use_dora", "bias", "lora_bias", "rank_pattern", "alpha_pattern",
                 "layers_to_transform", "modules_to_save", "fan_in_fan_out", "peft_type"):
         run.check(mine.get(key) == stored.get(key), f"case {case.id}: re-saved adapter_config.json "
@@ -102,7 +105,7 @@ SECOND = [c for c in CASES if golden.SECOND in c.manifest["adapters"]]
 @pytest.mark.parametrize("case", SECOND, ids=[c.id for c in SECOND])
 def test_second_adapter_computes_peft_s_output(run, case):
     _in_scope(run, case)
-    base = golden.base_model(case.version)
+    base = case.base_model()
     config = {k: v for k, v in case.config(golden.SECOND).items() if k in case.manifest["second_config"]}
     reason = scope.out_of_scope(run.impl, base, config, golden.SECOND)
     if reason:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness, models
+from conformance import harness, models, scope
+from conformance.run import NOT_APPLICABLE
 
 PREFIX = harness.PREFIX
 
@@ -19,6 +20,21 @@ def test_keys_match_peft(run, device, data):
     case = run.draw(data)
     theirs = run.initial_state(case, run.oracle)
     run.same_keys(run.initial_state(case), theirs, "adapter keys (implementation vs peft)")
+
+
+@pytest.mark.req("LORA-KEYS-001", "LORA-KEYS-003")
+def test_keys_and_shapes_match_peft_on_every_zoo_model(run, device):
+    # Every model once, all its targets at once: key prefixes (LLaVA's model.language_model.), grouped-query k/v
+    # shapes (Llama: 2 key/value heads of 4), biased projections (Qwen2), heads, T5 and ViT names.
+    from conformance.strategies import Case
+
+    for name in scope.models_in_scope(run.impl, single_layer=False):
+        case = run.admit(Case(name, {"target_modules": scope.targets_in_scope(run.impl, name), "r": 4}))
+        mine, theirs = run.initial_state(case), run.initial_state(case, run.oracle)
+        run.same_keys(mine, theirs, f"{name}: adapter keys (implementation vs peft)", req="LORA-KEYS-001")
+        for key in sorted(set(mine) & set(theirs)):
+            found, expected = tuple(mine[key].shape), tuple(theirs[key].shape)
+            run.check(found == expected, f"{name}: {key} has shape {found}, peft {expected}", req="LORA-KEYS-003")
 
 
 @pytest.mark.req("LORA-KEYS-001")
@@ -111,6 +127,52 @@ def test_loaded_values_read_back(run, device, data):
 def test_adapter_state_dict_is_live(run, device, data):
     mine = run.adapted(run.draw(data))
     mine.output().float().pow(2).sum().backward()
+    # A parameter the forward pass never uses (LLaVA's vision post_layernorm under bias="all") stays without .grad;
+    # a copy is never one of the model's parameters.
+    parameters = {id(p) for p in mine.model.parameters()}
     for key, tensor in run.impl.adapter_state_dict(mine.model).items():
         if tensor.requires_grad:
-            run.check(tensor.grad is not None, f"{key} has no .grad after backward")
+            run.check(tensor.grad is not None or id(tensor) in parameters,
+                      f"{key} has no .grad after backward and is not one of the model's parameters")
+
+
+def _first_difference(mine: list[str], theirs: list[str]) -> str:
+    for index, (a, b) in enumerate(zip(mine, theirs)):
+        if a != b:
+            return f"at position {index}: {a!r}, peft {b!r}"
+    return f"{len(mine)} names, peft {len(theirs)}; extra {sorted(set(mine) ^ set(theirs))[:4]}"
+
+
+@pytest.mark.req("LORA-KEYS-009")
+@given(data=st.data())
+def test_in_memory_names_match_peft(run, device, data):
+    case = run.draw(data)
+    mine, theirs = run.wrap(case).model, run.wrap(case, run.oracle).model
+    for what, names in (("named_parameters()", lambda m: [n for n, _ in m.named_parameters()]),
+                        ("state_dict()", lambda m: list(m.state_dict()))):
+        found, expected = names(mine), names(theirs)
+        run.check(found == expected,
+                  f"{what} of the wrapped model differs from peft's {_first_difference(found, expected)}")
+
+
+@pytest.mark.req("LORA-KEYS-010")
+@given(data=st.data())
+def test_targeted_embeddings_save_their_base_weights(run, device, data):
+    pairs = [(m, t) for m in scope.models_in_scope(run.impl) for t in scope.targets_in_scope(run.impl, m)
+             if t in ("embed_tokens", "lm_head")]
+    if not pairs:
+        pytest.skip(f"{NOT_APPLICABLE}no zoo model with embed_tokens or lm_head is in {run.impl.name}'s scope")
+    model, target = data.draw(st.sampled_from(pairs), label="model and target")
+    case = run.draw(data, extras=False, model=model, config={"target_modules": [target]})
+    base = models.build(model, case.model_seed)
+    paths = {id(module): path for path, module in base.named_modules()}
+    targeted = scope.targeted(base, case.config)
+    carrying = [paths[id(layer)] for layer in (base.get_input_embeddings(), base.get_output_embeddings())
+                if paths.get(id(layer)) in targeted]
+    expected = {f"{PREFIX}{path}.base_layer.weight": base.get_submodule(path).weight for path in carrying}
+    state = run.initial_state(case)
+    saved_base = {key for key in state if ".base_layer." in key}
+    run.check(saved_base == set(expected), f"target_modules={[target]}: base weights saved {sorted(saved_base)}, "
+                                           f"expected {sorted(expected)}")
+    for key in sorted(saved_base & set(expected)):
+        run.equal(state[key].cpu(), expected[key].detach(), f"{key} (the base weight as it was)")

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from conformance import harness
+from conformance import harness, scope
 
 
 def _reload(driver, adapted: harness.Adapted, directory, is_trainable: bool = False):
@@ -73,3 +73,25 @@ def test_minimal_config_takes_defaults(run, device, data, tmp_path_factory):
     x = mine.inputs["x"]
     expected = mine.base_layer()(x) + (x @ A.T) @ B.T * harness.scaling(case.config)
     run.close(mine.output(_reload(run.impl, mine, directory)), expected, "output with a 4-key adapter_config.json")
+
+
+@pytest.mark.req("LORA-LOAD-007")
+@given(data=st.data())
+def test_base_tensors_in_the_file_load_into_the_base(run, device, data, tmp_path_factory):
+    case = run.draw(data, single_layer=False, extras=False)
+    mine = run.adapted(case)
+    directory = tmp_path_factory.mktemp("with_base_tensor")
+    run.impl.save(mine.model, str(directory))
+    base = mine.base()
+    adapted = scope.targeted(base, case.config)
+    outside = [name for name, _ in base.named_parameters() if name.rpartition(".")[0] not in adapted]
+    assume(outside)  # every parameter adapted (the embedder with all three targets): nothing to put in the file
+    name = data.draw(st.sampled_from(outside), label="base parameter")
+    value = base.get_parameter(name).detach().cpu() + 1.0
+    tensors = load_file(directory / "adapter_model.safetensors")
+    save_file({**tensors, harness.PREFIX + name: value}, directory / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    unloaded = run.impl.unload(_reload(run.impl, mine, directory))
+    found = dict(unloaded.named_parameters()).get(name)
+    run.check(found is not None, f"{name} is gone from the unloaded model")
+    run.equal(found.detach().cpu(), value, f"{name} after loading an adapter file that holds it, then unload")

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance import models
+from conformance.transformers_zoo import FULL_SIZE, full_size
 
 
 def _adapter_size(base: torch.nn.Module, path: str, r: int) -> int:
@@ -69,6 +70,45 @@ def test_full_size_gpt2_counts(run, targets, r):
     found = tuple(run.impl.trainable_parameters(run.impl.wrap(model, {"target_modules": targets, "r": r})))
     run.check(found == (expected, base_total + expected), f"targets {targets}, r={r}: (trainable, total) {found}, "
                                                           f"expected ({expected:,}, {base_total + expected:,})")
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FULL_SIZE_TABLE = [(name, targets, r) for name in FULL_SIZE for targets, r in
+                   [(["q_proj", "v_proj"], 8), (ATTENTION, 16), ("all-linear", 16),
+                    (ATTENTION + ["gate_proj", "up_proj", "down_proj"], 64)]]
+
+
+def _full_size_case(run, name: str, targets, r: int):
+    model = full_size(name)
+    run.fixed("llama", {"target_modules": targets, "r": r}, base=model)  # scope: Llama-family linear layers
+    return model, {"target_modules": targets, "r": r}
+
+
+@pytest.mark.req("LORA-PARAM-005")
+@pytest.mark.parametrize("name, targets, r", FULL_SIZE_TABLE)
+def test_full_size_llama_family_counts(run, name, targets, r):
+    model, config = _full_size_case(run, name, targets, r)
+    base_total, published = _count(model), FULL_SIZE[name][2]
+    run.require(base_total == published, "LORA-PARAM-005", f"{name} has {base_total:,} parameters here, "
+                                                           f"{published:,} published")
+    # all-linear: every Linear but the output layer (lm_head); a list: modules whose last name is listed.
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+             and (targets == "all-linear" or n.rpartition(".")[2] in targets)]
+    expected = sum(_adapter_size(model, n, r) for n in names)
+    found = tuple(run.impl.trainable_parameters(run.impl.wrap(model, config)))
+    run.check(found == (expected, base_total + expected),
+              f"{name}, targets {targets}, r={r}: (trainable, total) {found}, expected ({expected:,}, "
+              f"{base_total + expected:,})")
+
+
+@pytest.mark.req("LORA-PARAM-001")
+@pytest.mark.parametrize("name, targets, r", FULL_SIZE_TABLE[:4])
+def test_full_size_llama_family_counts_match_peft(run, name, targets, r):
+    _, config = _full_size_case(run, name, targets, r)
+    theirs = run.oracle.trainable_parameters(run.oracle.wrap(full_size(name), dict(config)))
+    mine = run.impl.trainable_parameters(run.impl.wrap(full_size(name), dict(config)))
+    run.check(tuple(mine) == tuple(theirs), f"{name}, targets {targets}, r={r}: (trainable, total) {mine}, "
+                                            f"peft {theirs}")
 
 
 @pytest.mark.req("LORA-PARAM-004")

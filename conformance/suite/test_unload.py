@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 @given(data=st.data())
 def test_unload_restores_the_base_state_dict(run, device, dtype, data):
     # bias and modules_to_save train base tensors themselves; unload keeps those (LORA-MTS-003)
-    mine = run.adapted(run.draw(data, config={"bias": None, "modules_to_save": None}))
+    mine = run.adapted(run.draw(data, config={"bias": None, "modules_to_save": None, "task_type": None}))
     unloaded, base = run.impl.unload(mine.model), mine.base()
     run.all_close(unloaded.state_dict(), base.state_dict(), "unloaded")
     for (name, module), (_, original) in zip(unloaded.named_modules(), base.named_modules()):
@@ -20,7 +20,7 @@ def test_unload_restores_the_base_state_dict(run, device, dtype, data):
 @pytest.mark.req("LORA-UNLOAD-002")
 @given(data=st.data())
 def test_unload_returns_the_original_objects(run, device, data):
-    mine = run.wrap(run.draw(data, config={"modules_to_save": None}))
+    mine = run.wrap(run.draw(data, config={"modules_to_save": None, "task_type": None}))
     originals = mine.original_modules
     unloaded = run.impl.unload(mine.model)
     run.check(unloaded is mine.original,

@@ -12,6 +12,7 @@ from tests.mutants.base import Mutant
 from tests.mutants.config import *  # noqa: F401,F403
 from tests.mutants.files import *  # noqa: F401,F403
 from tests.mutants.merging import *  # noqa: F401,F403
+from tests.mutants.models import *  # noqa: F401,F403
 
 # name -> class, for every broken driver that claims to be caught (the others only crash, hang or misbehave)
 MUTANTS = {cls.__name__: cls for cls in Mutant.__subclasses__() if cls.kills}

@@ -79,7 +79,7 @@ class DoraMagnitudeOnes(Mutant):
         with torch.no_grad():
             for layer in lora_layers(model):
                 for magnitude in layer.lora_magnitude_vector.values():
-                    magnitude.fill_(1.0)
+                    magnitude.weight.fill_(1.0)
 
 
 class DoraMagnitudeIgnoresInitialDelta(Mutant):
@@ -92,7 +92,7 @@ class DoraMagnitudeIgnoresInitialDelta(Mutant):
             for layer in lora_layers(model):
                 for magnitude in layer.lora_magnitude_vector.values():
                     weight = layer.out_first(layer.base_layer.weight)
-                    magnitude.copy_(weight.flatten(1).norm(dim=1).view(magnitude.shape))
+                    magnitude.weight.copy_(weight.flatten(1).norm(dim=1).view(magnitude.weight.shape))
 
 
 class WrongScaling(Mutant):
@@ -257,4 +257,4 @@ class DoraNormNotDetached(Mutant):
 def _attached_scale(layer, name, dtype):
     A, B = layer.factors(name)
     norm = dora._norm(layer, layer.base_layer.weight.to(dtype), layer.scaling[name] * layer.delta_from_factors(A, B))
-    return layer.lora_magnitude_vector[name] / norm
+    return layer.lora_magnitude_vector[name].weight / norm
