@@ -226,30 +226,22 @@ def _producers() -> dict:
             "platform": platform.platform(), "device": "cpu", "dtype": "float32"}
 
 
-def _write_base(folder: Path) -> torch.nn.Module:
-    model = models.build("gpt2-tiny", 0)
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    return model
-
-
 def _aliases(model: torch.nn.Module) -> list[str]:
-    """state_dict keys whose tensor an earlier key already holds (tied weights: T5's shared embeddings)."""
+    """state_dict keys whose tensor an earlier key already holds (tied weights: GPT-2's lm_head, T5's embeddings)."""
     seen, aliases = set(), []
     for key, tensor in model.state_dict().items():
         (aliases.append(key) if tensor.data_ptr() in seen else seen.add(tensor.data_ptr()))
     return aliases
 
 
-def _write_other_base(name: str, folder: Path) -> torch.nn.Module:
+def _write_base(name: str, folder: Path) -> torch.nn.Module:
+    """Zoo model `name` from seed 0 into `folder`: its config and its weights, each shared tensor once."""
     model = models.build(name, 0)
-    (folder / name).mkdir(parents=True)
-    (folder / name / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
     aliases = set(_aliases(model))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in aliases}
-    save_file(state, folder / name / "model.safetensors", metadata={"format": "pt"})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return model
 
 
@@ -318,9 +310,9 @@ def _write_counts(folder: Path) -> None:
 
 
 def _write_version(folder: Path, version: str) -> None:
-    bases = {"gpt2-tiny": _write_base(folder / "base")}
+    bases = {"gpt2-tiny": _write_base("gpt2-tiny", folder / "base")}
     for name in sorted({spec.base for spec in CASE_SPECS} - set(bases)):
-        bases[name] = _write_other_base(name, folder / "bases")
+        bases[name] = _write_base(name, folder / "bases" / name)
     _write_counts(folder)
     for spec in CASE_SPECS:
         _write_case(spec, bases[spec.base], folder / "cases" / spec.name, version)

@@ -14,7 +14,7 @@ from torch import nn
 from .config import LoraConfig
 from .layers import LoraLayer, make_lora_layer, warn_fan_in_fan_out
 from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
-from .targeting import (is_excluded, matches_target, no_match_error, pattern_value, resolve_targets,
+from .targeting import (EMBEDDING_NAMES, is_excluded, matches_target, no_match_error, pattern_value, resolve_targets,
                         unmatched_pattern_keys)
 
 
@@ -76,12 +76,11 @@ class LoraModel(nn.Module):
             if unmatched := unmatched_pattern_keys(patterns, targeted):
                 warnings.warn(f"The following {label} keys did not match any targeted module and were ignored: "
                               f"{unmatched}.", RuntimeWarning)
-        if getattr(getattr(self.model, "config", None), "tie_word_embeddings", False) and \
-                any(name.rpartition(".")[2] in ("embed_tokens", "lm_head") for name in targeted):
+        tied = [name for name in targeted if name.rpartition(".")[2] in EMBEDDING_NAMES]
+        if tied and getattr(getattr(self.model, "config", None), "tie_word_embeddings", False):
             # Both ends of a tied pair share one weight: merging one adapter changes both (LORA-MERGE-010).
-            warnings.warn(f"Model with `tie_word_embeddings=True` and the tied target modules "
-                          f"{[n for n in targeted if n.rpartition('.')[2] in ('embed_tokens', 'lm_head')]} are part "
-                          "of the adapter: merging it changes the input and the output embedding together.")
+            warnings.warn(f"Model with `tie_word_embeddings=True` and the tied target modules {tied} are part of the "
+                          "adapter: merging it changes the input and the output embedding together.")
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.targeted_module_names += [n for n in targeted if n not in self.targeted_module_names]

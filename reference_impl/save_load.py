@@ -21,12 +21,12 @@ from torch import nn
 from .config import LoraConfig
 from .layers import LoraLayer
 from .model import LoraModel, adapter_parameters
+from .targeting import EMBEDDING_NAMES
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # peft's EMBEDDING_LAYER_NAMES
 
 
 class IncompatibleKeys(NamedTuple):

@@ -12,6 +12,10 @@ from torch import nn
 
 from .config import LoraConfig
 
+# The names peft treats as a transformers model's input and output embeddings (its EMBEDDING_LAYER_NAMES): adapting
+# one saves its base weight beside the adapter (LORA-KEYS-010) and, on a tied model, touches both (LORA-MERGE-010).
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
 # peft's per-architecture defaults for target_modules=None (peft/utils/constants.py); a few common ones.
 DEFAULT_TARGETS = {
     "gpt2": {"c_attn"},

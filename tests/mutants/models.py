@@ -5,7 +5,6 @@ embeddings. Each is a bug reported against a real library."""
 import copy
 
 import torch
-from safetensors.torch import load_file
 
 from reference_impl import layers, save_load
 from tests.mutants.base import Mutant, adapter_dir, edited_copy, lora_layers
@@ -110,7 +109,6 @@ class IgnoresBaseTensorsOnLoad(Mutant):
         config = save_load.read_config(folder)
         own = set(save_load.adapter_state_dict(self.lib.get_peft_model(copy.deepcopy(base_model), config)))
         kept = edited_copy(folder, tensors=lambda t: {k: v for k, v in t.items() if k in own})
-        assert set(load_file(f"{kept}/adapter_model.safetensors")) <= own
         return super().load(base_model, kept, adapter_name, is_trainable)
 
 
