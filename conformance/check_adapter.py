@@ -18,7 +18,8 @@ from reference_impl import LoraConfig
 from reference_impl import save_load as files
 from reference_impl.config import PEFT_ONLY_FIELDS
 from reference_impl.layers import make_lora_layer
-from reference_impl.targeting import matches_target, pattern_value, resolve_targets
+from reference_impl.peft_model import with_task_heads
+from reference_impl.targeting import matches_target, pattern_value, resolve_targets, unmatched_pattern_keys
 
 from . import models
 from .foreign import identify
@@ -48,20 +49,71 @@ class Report(list):
         return {"ok": self.ok, "findings": [asdict(f) for f in self]}
 
 
-def build_base(spec: str) -> tuple[torch.nn.Module, Optional[dict]]:
-    """A zoo model by name, or `module:factory` returning a model (inputs are then token ids if it has a vocab)."""
+FORMS = ("a zoo model name ({zoo}), a model directory holding config.json (weights optional), or module:factory "
+         "(an import path and a function returning the model)")
+
+
+@dataclass
+class Base:
+    """The model an adapter is checked against: built fresh by `make`, with inputs when it has weights."""
+
+    label: str
+    make: object  # () -> nn.Module
+    inputs: Optional[dict]
+
+    @property
+    def has_weights(self) -> bool:
+        return self.inputs is not None
+
+
+def base_from(spec: str) -> Base:
+    """A zoo model by name, a model directory as transformers writes it, or `module:factory`."""
     if spec in models.ZOO:
-        return models.build(spec), models.inputs(spec, 0)
-    module, _, attr = spec.partition(":")
+        return Base(f"zoo model {spec}", lambda: models.build(spec), models.inputs(spec, 0))
+    if Path(spec).is_dir():
+        return _directory_base(Path(spec))
+    module, colon, attr = spec.partition(":")
+    if not colon:
+        raise ValueError(f"--base {spec!r}: not a zoo model nor a directory; expected "
+                         + FORMS.format(zoo=", ".join(models.ZOO)))
     try:
-        model = getattr(importlib.import_module(module), attr)()
+        factory = getattr(importlib.import_module(module), attr)
+        model = factory()
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"--base {spec!r}: not a zoo model ({', '.join(models.ZOO)}) nor an importable "
-                         f"module:factory ({error})") from None
+        raise ValueError(f"--base {spec!r}: not an importable module:factory ({error}); expected "
+                         + FORMS.format(zoo=", ".join(models.ZOO))) from None
+    return Base(spec, lambda: factory().eval(), _token_inputs(model))
+
+
+def _token_inputs(model) -> Optional[dict]:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    inputs = {"input_ids": torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))} \
-        if vocab else None
-    return model.eval(), inputs
+    return {"input_ids": torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))} if vocab else None
+
+
+def _directory_base(folder: Path) -> Base:
+    """config.json names the architecture; with weights the model is loaded, without them built on the meta device
+    (shapes only: every key and shape is still checked, the adapter's effect is not computed)."""
+    import transformers
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        architecture = config["architectures"][0]
+        model_class = getattr(transformers, architecture)
+    except FileNotFoundError:
+        raise ValueError(f"--base {folder}: no config.json in the directory") from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        raise ValueError(f"--base {folder}: {path} must be a transformers config whose 'architectures' names a "
+                         f"transformers model class ({type(error).__name__}: {error})") from None
+    transformers.utils.logging.disable_progress_bar()
+    if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
+        make = lambda: model_class.from_pretrained(folder).eval()  # noqa: E731
+        return Base(str(folder), make, _token_inputs(make()))
+
+    def on_meta():
+        with torch.device("meta"):
+            return model_class(transformers.AutoConfig.from_pretrained(folder))
+    return Base(f"{folder} (config only, on the meta device)", on_meta, None)
 
 
 def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Report:
@@ -82,11 +134,16 @@ def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Rep
     tensors = _check_weights(directory, report, allow_pickle)
     if config is None or tensors is None:
         return report
-    model, inputs = build_base(base)
-    _check_keys(tensors, config, model, report)
-    if report.ok and inputs is not None:
+    base_model = base_from(base)
+    model = base_model.make()
+    _check_keys(tensors, config, model, base_model.label, report)
+    _check_settings(config, model, report)
+    if not base_model.has_weights:
+        report.add("info", "numbers.no-weights", f"{base_model.label}: no weights, so the adapter's effect is not "
+                   "computed; every key and shape was checked")
+    elif report.ok:
         try:
-            _check_numbers(directory, base, inputs, report, allow_pickle)
+            _check_numbers(directory, base_model, report, allow_pickle)
         except (ValueError, RuntimeError, FileNotFoundError) as error:  # what loading itself refuses
             report.add("error", "numbers.load", f"loading the adapter failed: {error}")
     return report
@@ -118,11 +175,30 @@ def _check_config(directory: Path, report: Report) -> Optional[LoraConfig]:
     known = set(LoraConfig.__dataclass_fields__) | set(PEFT_ONLY_FIELDS)
     for key in sorted(set(raw) - known - {"alpha", "scale", "lora_scale", "scaling"}):
         report.add("warning", "config.unknown-key", f"{path}: unknown key {key!r}, which peft ignores")
+    fields = {k: v for k, v in raw.items() if k in known}
+    for name in ("rank_pattern", "alpha_pattern"):  # every bad entry, not only the first
+        if isinstance(fields.get(name), dict):
+            fields[name] = {key: value for key, value in fields[name].items()
+                            if _pattern_entry_ok(path, name, key, value, report)}
     try:
-        return LoraConfig.from_dict({k: v for k, v in raw.items() if k in known})
+        return LoraConfig.from_dict(fields)
     except (TypeError, ValueError) as error:
         report.add("error", "config.value", f"{path}: {error}")
         return None
+
+
+def _pattern_entry_ok(path: Path, name: str, key, value, report: Report) -> bool:
+    wanted = "a positive integer rank" if name == "rank_pattern" else "a positive number"
+    try:
+        re.compile(key)
+    except (re.error, TypeError) as error:
+        report.add("error", "config.pattern", f"{path}: {name} key {key!r} is not a regular expression ({error})")
+        return False
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or value <= 0 or (name == "rank_pattern" and not isinstance(value, int)):
+        report.add("error", "config.pattern", f"{path}: {name}[{key!r}] = {value!r}; expected {wanted}")
+        return False
+    return True
 
 
 def _check_weights(directory: Path, report: Report, allow_pickle: bool) -> Optional[dict]:
@@ -141,14 +217,15 @@ def _expected_shapes(module, r: int) -> dict[str, tuple]:
     layer = make_lora_layer(module)
     if layer is None:
         return {}
+    magnitude = {"lora_magnitude_vector": (layer.out_features,)}  # DoRA: one magnitude per output feature
     if hasattr(layer, "lora_embedding_A"):
-        return {"lora_embedding_A": (r, layer.in_features), "lora_embedding_B": (layer.out_features, r)}
+        return {"lora_embedding_A": (r, layer.in_features), "lora_embedding_B": (layer.out_features, r), **magnitude}
     A, B = layer.make_factors(r, lora_bias=True)
     return {"lora_A.weight": tuple(A.weight.shape), "lora_B.weight": tuple(B.weight.shape),
-            "lora_B.bias": tuple(B.bias.shape)}
+            "lora_B.bias": tuple(B.bias.shape), **magnitude}
 
 
-def _check_keys(tensors: dict, config: LoraConfig, model: torch.nn.Module, report: Report) -> None:
+def _check_keys(tensors: dict, config: LoraConfig, model: torch.nn.Module, label: str, report: Report) -> None:
     named = sorted(k for k in tensors if NAMED_KEY.search(k))
     if named:
         report.add("error", "keys.adapter-name", f"keys keep the adapter name (e.g. {named[0]}): peft saves "
@@ -159,40 +236,120 @@ def _check_keys(tensors: dict, config: LoraConfig, model: torch.nn.Module, repor
         report.add("error", "keys.prefix", f"keys without the '{PREFIX}' prefix (e.g. {unprefixed[0]}): "
                    "PeftModel.from_pretrained reports them all missing")
         return
+    modules = dict(model.named_modules())
+    lora = {k: LORA_KEY.match(k.removeprefix(PREFIX)) for k in tensors}
+    paths = {m["path"] for m in lora.values() if m}
+    if paths and not paths & set(modules):
+        report.add("error", "keys.inert", _inert_message(sorted(paths), modules, label))
+        return
     resolved = copy.deepcopy(config)
     resolve_targets(model, resolved)
-    modules = dict(model.named_modules())
-    seen = set()
-    for key in sorted(tensors):
-        match = LORA_KEY.match(key.removeprefix(PREFIX))
-        if not match:
-            continue
-        path, name = match["path"], match["tensor"]
-        seen.add(path)
-        if path not in modules:
-            report.add("error", "keys.no-module", f"{key}: the base model has no module {path!r}")
-            continue
-        r = pattern_value(path, config.rank_pattern, config.r)
-        expected = _expected_shapes(modules[path], r).get(name)
-        found = tuple(tensors[key].shape)
-        if expected is None:
-            report.add("error", "keys.unsupported", f"{key}: {type(modules[path]).__name__} takes no {name}")
-        elif found != expected:
-            transposed = found == expected[::-1]
-            report.add("error", "shape.transposed" if transposed else "shape.mismatch",
-                       f"{key}: shape {found}, peft expects {expected} for r={r}"
-                       + (" (the factor is transposed, as mlx-lm stores it)" if transposed else ""))
-        if not matches_target(path, resolved):
-            report.add("warning", "keys.not-targeted", f"{key}: target_modules {config.target_modules!r} does not "
-                       f"select {path!r}, so peft creates no adapter there and ignores the tensor")
+    for key in sorted(k for k, m in lora.items() if m):
+        _check_lora_key(key, lora[key]["path"], lora[key]["tensor"], tensors[key], config, resolved, modules, report)
+    _check_unplaced(tensors, config, lora, modules, report)
     targeted = [p for p in modules if p and matches_target(p, resolved) and make_lora_layer(modules[p]) is not None]
     for path in targeted:
-        if path not in seen:
+        if path not in paths:
             report.add("error", "keys.missing", f"target_modules selects {path!r} but the file has no tensors for "
                        "it: peft warns and keeps a random initialisation there")
 
 
-def _check_numbers(directory: Path, base: str, inputs: dict, report: Report, allow_pickle: bool) -> None:
+def _inert_message(paths: list[str], modules: dict, label: str) -> str:
+    """One finding for an adapter that fits nothing: say where its keys point and what the base holds."""
+    example = paths[0]
+    tail = ".".join(example.split(".")[-3:])
+    near = [name for name in modules if name.endswith(tail)]
+    hint = (f"; the base has {near[0]!r}: the keys' prefix differs ('{PREFIX}{example}' would have to be "
+            f"'{PREFIX}{near[0]}')" if near else "")
+    return (f"none of the adapter's {len(paths)} adapted module paths (e.g. {example!r}) is a module of {label}: "
+            f"loaded onto it the adapter would silently do nothing{hint}. If the adapter belongs to another model, "
+            "--base is probably wrong: give the model it was trained on as --base, one of "
+            + FORMS.format(zoo=", ".join(models.ZOO)))
+
+
+def _check_lora_key(key, path, name, tensor, config, resolved, modules, report) -> None:
+    if path not in modules:
+        report.add("error", "keys.no-module", f"{key}: the base model has no module {path!r}")
+        return
+    r = pattern_value(path, config.rank_pattern, config.r)
+    expected = _expected_shapes(modules[path], r).get(name)
+    found = tuple(tensor.shape)
+    if expected is None:
+        report.add("error", "keys.unsupported", f"{key}: {type(modules[path]).__name__} takes no {name}")
+    elif found != expected:
+        transposed = found == expected[::-1]
+        report.add("error", "shape.transposed" if transposed else "shape.mismatch",
+                   f"{key}: shape {found}, peft expects {expected} for r={r}"
+                   + (" (the factor is transposed, as mlx-lm stores it)" if transposed else ""))
+    if name == "lora_B.bias" and not config.lora_bias:
+        report.add("error", "keys.unplaced", f"{key}: a lora_B bias while adapter_config.json has lora_bias false: "
+                   "peft and reference_impl drop it, so the adapter computes without the bias its writer trained "
+                   "(set \"lora_bias\": true if the writer meant it)")
+    if not matches_target(path, resolved):
+        report.add("warning", "keys.not-targeted", f"{key}: target_modules {config.target_modules!r} does not "
+                   f"select {path!r}, so peft creates no adapter there and ignores the tensor")
+
+
+def _check_unplaced(tensors: dict, config: LoraConfig, lora: dict, modules: dict, report: Report) -> None:
+    """Full tensors (not LoRA factors): modules_to_save copies, saved base weights of adapted embeddings, biases of
+    bias='all'/'lora_only'. Each is shape-checked against the base; one the config gives no place for is a finding."""
+    saved = with_task_heads(config, config.task_type).modules_to_save or []
+    resized = []
+    for key in sorted(k for k, m in lora.items() if not m):
+        name = key.removeprefix(PREFIX)
+        module_path, _, param = name.replace(".base_layer.", ".").rpartition(".")
+        if module_path not in modules or not hasattr(modules[module_path], param):
+            report.add("error", "keys.no-module", f"{key}: the base model has no parameter {name!r}")
+            continue
+        base_shape = tuple(getattr(modules[module_path], param).shape)
+        in_saved = any(module_path.endswith(entry) for entry in saved)
+        if tuple(tensors[key].shape) != base_shape:
+            (resized if in_saved else []).append(key)
+            report.add("error", "shape.mismatch", f"{key}: shape {tuple(tensors[key].shape)}, the base's "
+                       f"{module_path}.{param} is {base_shape}")
+            continue
+        placed = in_saved or ".base_layer." in name or (param == "bias" and config.bias != "none")
+        if not placed:
+            report.add("warning", "keys.unplaced", f"{key}: a full tensor for {module_path!r}, which is not in "
+                       "modules_to_save: peft copies it into the frozen base parameter (LORA-LOAD-007), other "
+                       "consumers skip or refuse it; list the module in modules_to_save if the writer meant it")
+    if resized:
+        report.add("error", "base.resize", f"{len(resized)} modules_to_save tensor(s) do not fit the base "
+                   f"({', '.join(resized)}): the vocabulary was resized when training; resize the base first "
+                   "(model.resize_token_embeddings(n)) to the adapter's size")
+
+
+def _check_settings(config: LoraConfig, model: torch.nn.Module, report: Report) -> None:
+    """Settings consumers commonly ignore (measured on the consumer corpus, docs/consumers.md): said, not failed."""
+    scale = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    if config.use_rslora:
+        report.add("warning", "consumer.rslora", f"use_rslora: scaling = lora_alpha / sqrt(r) = {scale:.4g}; a "
+                   f"consumer that computes lora_alpha / r applies {config.lora_alpha / config.r:.4g} instead "
+                   "(llama.cpp's converter does)")
+    resolved = copy.deepcopy(config)
+    resolve_targets(model, resolved)
+    targeted = [p for p in dict(model.named_modules()) if p and matches_target(p, resolved)]
+    ignored_by = {"rank_pattern": "; one that takes the rank from the tensors' shapes gets it right (llama.cpp does)",
+                  "alpha_pattern": " (llama.cpp's converter writes one lora_alpha for all modules)"}
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, name)
+        if patterns:
+            changed = [p for p in targeted if pattern_value(p, patterns, None) is not None]
+            report.add("warning", f"consumer.{name.replace('_', '-')}", f"{name} changes {len(changed)} of "
+                       f"{len(targeted)} adapted modules (e.g. {changed[:2]}); a consumer that reads only r and "
+                       f"lora_alpha computes those with the wrong scaling{ignored_by[name]}")
+            for key in unmatched_pattern_keys(patterns, targeted):
+                report.add("warning", "config.pattern-unused", f"{name} key {key!r} matches no adapted module")
+    if config.use_dora:
+        report.add("warning", "consumer.dora", "use_dora: the output is rescaled per row by the magnitude vector; "
+                   "consumers without DoRA refuse the adapter (llama.cpp's converter) or ignore the magnitude")
+    if config.modules_to_save:
+        report.add("warning", "consumer.modules-to-save", f"modules_to_save {config.modules_to_save}: full copies of "
+                   "these modules replace the base's while the adapter is active; LoRA-only consumers refuse or "
+                   "skip them (llama.cpp's converter refuses)")
+
+
+def _check_numbers(directory: Path, base: Base, report: Report, allow_pickle: bool) -> None:
     """Load the adapter in reference_impl and in peft on the same base; both must compute the same."""
     import warnings
 
@@ -200,14 +357,14 @@ def _check_numbers(directory: Path, base: str, inputs: dict, report: Report, all
 
     def output(model):
         with torch.no_grad():
-            result = model(**inputs)
+            result = model(**base.inputs)
         return models.output_tensor(result).float()
 
-    base_output = output(build_base(base)[0])
+    base_output = output(base.make())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = output(reference_impl.PeftModel.from_pretrained(build_base(base)[0], directory,
-                                                               allow_pickle=allow_pickle, ignore_unknown_keys=True))
+        warnings.simplefilter("ignore")  # what loading warns about was found above, as findings
+        ours = output(reference_impl.PeftModel.from_pretrained(base.make(), directory, allow_pickle=allow_pickle,
+                                                               ignore_unknown_keys=True))
     effect = (ours - base_output).abs().max().item()
     if effect == 0:
         report.add("warning", "numbers.no-op", "the adapter does not change the output (all lora_B zero?)")
@@ -220,7 +377,7 @@ def _check_numbers(directory: Path, base: str, inputs: dict, report: Report, all
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            theirs = output(peft.PeftModel.from_pretrained(build_base(base)[0], str(directory)).eval())
+            theirs = output(peft.PeftModel.from_pretrained(base.make(), str(directory)).eval())
         except Exception as error:  # peft refusing the directory is itself the finding
             report.add("error", "numbers.peft-load", f"peft {peft.__version__} cannot load it: {error}")
             return

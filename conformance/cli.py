@@ -12,7 +12,7 @@ app = typer.Typer(help="Check LoRA implementations against Hugging Face peft.", 
 
 @app.callback()
 def _commands() -> None:
-    """Subcommands: spec, run, check-adapter, fixtures, compare."""
+    """Subcommands: spec, run, check-adapter, fixtures, corpus, golden-check, compare."""
 
 
 @app.command()
@@ -62,16 +62,76 @@ def fixtures_verify(folder: str = typer.Option(None, help="fixtures folder (defa
     typer.echo(f"ok: {len(golden.read_lock(Path(folder) if folder else None))} files match {golden.LOCK_NAME}")
 
 
+corpus_app = typer.Typer(help="The consumer corpus: golden cases for code that only loads adapters.",
+                         no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+
+
+@corpus_app.command("export")
+def corpus_export(directory: str = typer.Argument(..., help="a new (or empty) folder to write the corpus into"),
+                  folder: str = typer.Option(None, help="fixtures folder (default: the installed one)")) -> None:
+    """Write the consumer corpus (bases, adapters, inputs, expected logits, manifest and its schema) to DIRECTORY."""
+    from pathlib import Path
+
+    from . import corpus
+
+    try:
+        written = corpus.export(Path(directory), Path(folder) if folder else None)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {len(corpus.read(written))} cases to {written}; compute each case's logits into "
+               f"RESULTS/<case>/logits.safetensors, then: peft-conformance golden-check RESULTS --corpus {written}")
+
+
+@corpus_app.command("generate")
+def corpus_generate(folder: str = typer.Option(None, help="fixtures folder (default: this checkout's)")) -> None:
+    """Record a NEW corpus version with the installed peft; never edits an old one."""
+    from pathlib import Path
+
+    from . import corpus
+
+    try:
+        typer.echo(f"wrote corpus {corpus.generate(Path(folder) if folder else None)}")
+    except (FileExistsError, RuntimeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@corpus_app.command("run")
+def corpus_run(consumer: str = typer.Argument(..., help="reference, transformers or llama.cpp"),
+               corpus_dir: str = typer.Argument(..., help="the folder `corpus export` wrote"),
+               results: str = typer.Argument(..., help="where to write <case>/logits.safetensors"),
+               case: list[str] = typer.Option(None, help="only these cases (repeatable)")) -> None:
+    """Compute every corpus case with a shipped consumer; then check with golden-check --corpus."""
+    from pathlib import Path
+
+    from . import consumers
+
+    try:
+        done = consumers.run(consumer, Path(corpus_dir), Path(results), tuple(case or ()))
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for name, state in done.items():
+        typer.echo(f"{state:5} {name}")
+    typer.echo(f"wrote {results}; now: peft-conformance golden-check {results} --corpus {corpus_dir}")
+
+
 @app.command()
 def compare(reports: list[str] = typer.Argument(..., help="JSON reports, or folders of them"),
-            output: str = typer.Option(None, help="write the Markdown table here instead of printing it")) -> None:
+            output: str = typer.Option(None, help="write the Markdown table here instead of printing it"),
+            by_case: bool = typer.Option(False, help="golden-check --corpus reports: one row per corpus case, and "
+                                                     "a requirements table below")) -> None:
     """One table from several JSON reports: requirements as rows, implementations as columns."""
     from pathlib import Path
 
-    from .report import compare_markdown
+    from .report import cases_markdown, compare_markdown
 
     paths = [p for r in reports for p in (sorted(Path(r).glob("*.json")) if Path(r).is_dir() else [Path(r)])]
     table = compare_markdown(paths)
+    if by_case:
+        table = cases_markdown(paths) + "\nBy requirement:\n\n" + table
     if output:
         Path(output).write_text(table)
         typer.echo(f"wrote {output} from {len(paths)} reports")
@@ -81,7 +141,8 @@ def compare(reports: list[str] = typer.Argument(..., help="JSON reports, or fold
 
 @app.command("check-adapter")
 def check_adapter(directory: str = typer.Argument(..., help="the adapter directory"),
-                  base: str = typer.Option("gpt2-tiny", help="a zoo model name or module:factory"),
+                  base: str = typer.Option("gpt2-tiny", help="the base model: a zoo model name, a model directory "
+                                                             "(config.json; weights optional) or module:factory"),
                   as_json: bool = typer.Option(False, "--json", help="print the findings as JSON"),
                   allow_pickle: bool = typer.Option(False, help="read adapter_model.bin (runs code from the file)")
                   ) -> None:
@@ -129,19 +190,50 @@ def run(impl: str = typer.Option(..., help="a registered driver name or module:a
 
 
 @app.command("golden-check")
-def golden_check(results: str = typer.Argument(..., help="folder of <version>/<case>/logits.safetensors"),
-                 folder: str = typer.Option(None, help="fixtures folder (default: the installed one)")) -> None:
-    """Check golden results computed in another process (a library that cannot share this venv)."""
+def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits.safetensors per corpus case "
+                                                          "(or <version>/<case>/ per fixture case)"),
+                 corpus_dir: str = typer.Option(None, "--corpus", help="the folder `corpus export` wrote (default: "
+                                                                       "check against the golden fixtures)"),
+                 folder: str = typer.Option(None, help="fixtures folder (default: the installed one)"),
+                 expectations: str = typer.Option(None, help="the consumer's expectations file (known departures)"),
+                 report_path: str = typer.Option(None, "--report", help="write the JSON report here (and .md beside)")
+                 ) -> None:
+    """Check logits computed in another process against peft's, per requirement; exit 1 on any failure."""
     from pathlib import Path
 
-    from . import golden
+    from . import consumer_check, expectations as expectations_module, report, terminal
 
-    problems = golden.check_results(Path(results), Path(folder) if folder else None)
-    for case, req, problem in problems:
-        typer.echo(f"FAIL {req} {case}: {problem}")
-    total = len(golden.cases(Path(folder) if folder else None))
-    typer.echo(f"{total - len({p[0] for p in problems})} of {total} golden cases match")
-    raise typer.Exit(1 if problems else 0)
+    try:
+        goldens = (consumer_check.corpus_goldens(Path(corpus_dir)) if corpus_dir
+                   else consumer_check.fixture_goldens(Path(folder) if folder else None))
+        known = expectations_module.load(expectations) if expectations else None
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    results_found = consumer_check.check(goldens, Path(results), known)
+    for outcome in results_found.outcomes:
+        for failure in outcome.failures:
+            if failure["req"] == outcome.reqs[0]:
+                state = "XFAIL" if failure.get("expected") else "FAIL"
+                first = failure["message"].splitlines()[0].removeprefix(f"{failure['req']} failed: ")
+                typer.echo(f"{state} {failure['req']} {outcome.nodeid.rsplit('::', 1)[0]}: {first}")
+        for req, message in outcome.unexpected.items():
+            typer.echo(f"FAIL {req} {outcome.nodeid}: {message}")
+    consumer = consumer_check.consumer_identity(Path(results))
+    typer.echo(terminal.render(results_found, f"{consumer['name']} {consumer['version']}".strip(), width=150))
+    unused = known.unused(results_found.outcomes) if known else []
+    for entry in unused:
+        typer.echo(f"FAIL expectations: {entry.describe()} matches no case that was checked: stale or misspelled")
+    if report_path:
+        import transformers
+
+        report.write(report.to_json(results_found, consumer, {"transformers": transformers.__version__,
+                                                              "golden": corpus_dir or "fixtures"}), report_path)
+        typer.echo(f"wrote {report_path}")
+    failed = results_found.summary()["fail"] or unused
+    matching = sum(not o.failures and o.outcome == "passed" for o in results_found.outcomes)
+    typer.echo(f"{matching} of {len(results_found.outcomes)} case outputs match")
+    raise typer.Exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

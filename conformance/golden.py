@@ -217,7 +217,7 @@ def verify(folder: Optional[Path] = None) -> list[str]:
 
 # --- generation (needs peft) -----------------------------------------------------------------------------
 
-def _producers() -> dict:
+def producers() -> dict:
     import peft
     import transformers
 
@@ -283,7 +283,7 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
         "case": spec.name, "base": spec.base, "fixture_version": version, "spec_version": SPEC_VERSION,
         "requirements": list(spec.requirements), "adapter_name": spec.adapter_name,
         "adapters": names, "config": spec.config, "second_config": spec.second, "values_seed": seed,
-        "producer": _producers(), "tolerance_class": "golden",
+        "producer": producers(), "tolerance_class": "golden",
         "inputs": f"{spec.base} inputs from seed 0 (conformance/models.py), row 2 right-padded by 3",
         "expected": "logits (question answering: start and end logits stacked) with the adapter active "
                     "(unmerged), merged, disabled; 'second': the second adapter",
@@ -306,7 +306,7 @@ def _write_counts(folder: Path) -> None:
         trainable, total = peft.get_peft_model(model, peft.LoraConfig(r=r, target_modules=targets)) \
             .get_nb_trainable_parameters()
         rows.append({"target_modules": targets, "r": r, "trainable": trainable, "total": total})
-    (folder / "gpt2-counts.json").write_text(json.dumps({"producer": _producers(), "counts": rows}, indent=2))
+    (folder / "gpt2-counts.json").write_text(json.dumps({"producer": producers(), "counts": rows}, indent=2))
 
 
 def _write_version(folder: Path, version: str) -> None:
@@ -319,29 +319,37 @@ def _write_version(folder: Path, version: str) -> None:
 
 
 def generate(folder: Optional[Path] = None, version: Optional[str] = None) -> tuple[str, list[str]]:
-    """Write fixture version `version` (default: the next one) with the installed peft, after checking that two
-    runs write identical bytes. Returns the version and what changed against the previous version."""
+    """Write fixture version `version` (default: the next one) with the installed peft. Returns the version and what
+    changed against the previous version."""
     folder = folder or root()
     existing = versions(folder)
+    version = record_version(folder, _write_version, folder, version)
+    return version, changes(folder, existing[-1], version) if existing else ["first version"]
+
+
+def record_version(parent: Path, write, lock_folder: Path, version: Optional[str] = None) -> str:
+    """Record version `version` (default: the next one) of what `write(folder, version)` writes under `parent`,
+    after checking that two runs write identical bytes, and add its files to the lock in `lock_folder`."""
+    existing = versions(parent) if parent.is_dir() else []
     version = version or f"v{int(existing[-1][1:]) + 1 if existing else 1}"
-    target = folder / version
+    target = parent / version
     if target.exists():
-        raise FileExistsError(f"{target} exists: fixture versions are never rewritten; generate a new version")
+        raise FileExistsError(f"{target} exists: recorded versions are never rewritten; record a new version")
     with tempfile.TemporaryDirectory() as scratch:
         runs = [Path(scratch) / "a", Path(scratch) / "b"]
         for run in runs:
-            _write_version(run, version)
+            write(run, version)
         differing = [str(p.relative_to(runs[0])) for p in fixture_files(runs[0])
                      if p.read_bytes() != (runs[1] / p.relative_to(runs[0])).read_bytes()]
         if differing:
-            raise RuntimeError(f"generation is not deterministic: two runs differ in {differing[:5]}")
+            raise RuntimeError(f"recording is not deterministic: two runs differ in {differing[:5]}")
         shutil.copytree(runs[0], target)
-    lock_path = folder / LOCK_NAME
-    locked = read_lock(folder) if lock_path.exists() else {}
-    locked.update({str(p.relative_to(folder)): sha256(p) for p in fixture_files(target)})
+    lock_path = lock_folder / LOCK_NAME
+    locked = read_lock(lock_folder) if lock_path.exists() else {}
+    locked.update({str(p.relative_to(lock_folder)): sha256(p) for p in fixture_files(target)})
     lock_path.write_text(json.dumps({"about": "sha256 of every fixture file; `peft-conformance fixtures verify`",
                                      "sha256": dict(sorted(locked.items()))}, indent=2) + "\n")
-    return version, changes(folder, existing[-1], version) if existing else ["first version"]
+    return version
 
 
 def _unordered(value):

@@ -176,7 +176,8 @@ def to_json(results: Results, implementation: dict, environment: dict) -> dict:
                   "worst": r.worst, "widened": r.widened, "reasons": sorted(r.reasons), "failures": r.failures}
             for req, r in by_req.items()},
         "tests": [{"test": o.nodeid, "claims": o.reqs, "outcome": o.outcome, "held": o.held,
-                   "failed": o.failed_reqs(), "not_applicable": sorted(o.not_applicable)} for o in results.outcomes],
+                   "failed": o.failed_reqs(), "not_applicable": sorted(o.not_applicable),
+                   "reason": o.reason or "; ".join(sorted(set(o.expected.values())))} for o in results.outcomes],
     }
 
 
@@ -247,3 +248,32 @@ def compare_markdown(paths) -> str:
     return "\n".join(lines) + ("\n\nFirst failure of each failing requirement:\n\n" + "\n".join(failures)
                                if failures else "") + ("\n\nExpected failures, with the reasons their expectations "
                                                        "files give:\n\n" + "\n".join(known) if known else "") + "\n"
+
+
+CASE_OUTPUTS = ("unmerged", "merged", "disabled")
+CASE_SHORT = {"passed": "pass", "failed": "**FAIL**", "expected fail": "xfail", "unexpected pass": "**XPASS**",
+              "not applicable": "n/a", "not run": "-"}
+
+
+def cases_markdown(paths) -> str:
+    """Reports of golden-check --corpus side by side, by case: which cases each consumer computes as peft does
+    (unmerged / merged / disabled), then each reason behind a cell that is not a pass, once, with its cases."""
+    reports = [json.loads(open(p).read()) for p in paths]
+    by_report = [{t["test"]: t for t in rep["tests"]} for rep in reports]
+    cases = list(dict.fromkeys(t["test"].rsplit("::", 1)[0] for rep in reports for t in rep["tests"]))
+    lines = ["| case (unmerged / merged / disabled) | " + " | ".join(_column(r) for r in reports) + " |",
+             "|---|" + "---|" * len(reports)]
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for case in cases:
+        cells = []
+        for rep, tests in zip(reports, by_report):
+            found = [tests.get(f"{case}::{output}") for output in CASE_OUTPUTS]
+            cells.append(" / ".join(CASE_SHORT[t["outcome"]] if t else "" for t in found))
+            for test in found:
+                if test and test["outcome"] != "passed" and test.get("reason"):
+                    affected = reasons.setdefault((_column(rep).replace("<br>", ", "), test["reason"]), [])
+                    affected += [] if case in affected else [case]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    notes = [f"- {column} ({'all cases' if len(affected) == len(cases) else ', '.join(affected)}): {reason}"
+             for (column, reason), affected in reasons.items()]
+    return "\n".join(lines) + ("\n\nWhy a cell is not a pass:\n\n" + "\n".join(notes) if notes else "") + "\n"

@@ -96,8 +96,9 @@ def test_golden_results_from_another_process(tmp_path):
     assert result.exit_code == 1  # the named-adapter cases were skipped by the exporter: reported missing
     named = [case.id for case in golden.cases() if case.adapter_name != "default"]
     for case_id in named:
-        assert f"FAIL LORA-GOLD-003 {case_id}: no logits.safetensors" in result.output
-    assert result.output.count("FAIL") == len(named)
+        assert f"FAIL LORA-GOLD-003 {case_id}: no {tmp_path / 'good' / case_id / 'logits.safetensors'}" in result.output
+    fails = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert fails and all(any(f" {case_id}: " in line for case_id in named) for line in fails), fails
     _export_results(tmp_path / "off", nudge=1e-3)
     result = CliRunner().invoke(app, ["golden-check", str(tmp_path / "off")])
-    assert "FAIL LORA-GOLD-003 v1/r4-c_attn: LORA-GOLD-003 failed: case v1/r4-c_attn: unmerged logits" in result.output
+    assert "FAIL LORA-GOLD-003 v1/r4-c_attn: case v1/r4-c_attn: unmerged logits" in result.output

@@ -16,7 +16,7 @@ else:  # pragma: no cover
 HERE = Path(__file__).parent
 LEVELS = ("MUST", "SHOULD")
 COMPARISONS = ("exact", "close", "structural")
-SCOPES = ("driver", "reference", "plugin")
+SCOPES = ("driver", "reference", "plugin", "consumer")
 DTYPES = ("float32", "bfloat16", "float16")
 HALF_PRECISION_CLASSES = {"bfloat16": "bf16", "float16": "fp16"}
 
@@ -96,7 +96,9 @@ def render_markdown() -> str:
     lines = ["# LoRA conformance spec (version 1: peft 0.21.x semantics, CPU fp32)", "",
              "Generated from `conformance/spec/requirements.toml` by `peft-conformance spec`; do not edit.", "",
              "Scopes: *driver* requirements are checked for every implementation by `conformance.suite`; "
-             "*reference* ones on `reference_impl` by `tests/`; *plugin* ones on the suite itself.", "",
+             "*reference* ones on `reference_impl` by `tests/`; *plugin* ones on the suite itself; *consumer* ones on "
+             "logits computed in another process from the consumer corpus, by `peft-conformance golden-check "
+             "--corpus` (docs/consumers.md).", "",
              "A requirement applies to a driver that declares the capabilities it *needs*, on the cases inside the "
              "driver's scope; key, shape and value requirements on live adapter tensors are compared through the "
              "driver's layout mapping when it declares one (docs/verdicts.md).", "",
