@@ -199,6 +199,7 @@ def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits
                  report_path: str = typer.Option(None, "--report", help="write the JSON report here (and .md beside)")
                  ) -> None:
     """Check logits computed in another process against peft's, per requirement; exit 1 on any failure."""
+    import json
     from pathlib import Path
 
     from . import consumer_check, expectations as expectations_module, report, terminal
@@ -227,8 +228,10 @@ def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits
     if report_path:
         import transformers
 
+        against = f"corpus {json.loads((Path(corpus_dir) / 'corpus.json').read_text())['corpus_version']}" \
+            if corpus_dir else "fixtures"
         report.write(report.to_json(results_found, consumer, {"transformers": transformers.__version__,
-                                                              "golden": corpus_dir or "fixtures"}), report_path)
+                                                              "golden": against}), report_path)
         typer.echo(f"wrote {report_path}")
     failed = results_found.summary()["fail"] or unused
     matching = sum(not o.failures and o.outcome == "passed" for o in results_found.outcomes)
