@@ -35,6 +35,7 @@ from conformance import harness, models  # noqa: E402
 from conformance.drivers.peft import PeftDriver  # noqa: E402
 from conformance.drivers.reference import ReferenceDriver  # noqa: E402
 from conformance.strategies import Case  # noqa: E402
+from reference_impl.peft_format import PREFIX  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj"]
 SUITE_CONFIG = {"target_modules": TARGETS, "r": 4}  # the adapter of every suite-throughput example
@@ -98,7 +99,7 @@ class BareLoRA(nn.Module):
 def bare_model(base: nn.Module, values: dict, r: int, fused: bool) -> nn.Module:
     model = copy.deepcopy(base)
     for name, module in list(model.named_modules()):
-        key = f"base_model.model.{name}.lora_A.weight"
+        key = f"{PREFIX}{name}.lora_A.weight"
         if key in values:
             A, B = values[key], values[key.replace("lora_A", "lora_B")]
             parent, _, child = name.rpartition(".")

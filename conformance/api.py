@@ -77,7 +77,7 @@ class Driver(Protocol):
 
     def adapter_state_dict(self, model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The live parameters (so .grad is readable), keyed exactly as peft saves them:
-        "base_model.model.<module path>.lora_A.weight", no adapter name."""
+        PREFIX + "<module path>.lora_A.weight" (reference_impl.peft_format), no adapter name."""
 
     def load_adapter_state_dict(self, model: nn.Module, state_dict: dict, adapter_name: str = "default") -> None:
         """Set the adapter's values from a dict keyed as adapter_state_dict is."""

@@ -14,20 +14,12 @@ from typing import Optional
 
 import torch
 
-from reference_impl import LoraConfig
-from reference_impl import save_load as files
-from reference_impl.config import PEFT_ONLY_FIELDS
-from reference_impl.layers import make_lora_layer
-from reference_impl.peft_model import with_task_heads
-from reference_impl.targeting import matches_target, pattern_value, resolve_targets, unmatched_pattern_keys
+from reference_impl import (PEFT_ONLY_FIELDS, LoraConfig, make_lora_layer, matches_target, pattern_value,
+                            read_weights, resolve_targets, unmatched_pattern_keys, with_task_heads)
+from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_adapter_name, split_key
 
 from . import models
 from .foreign import identify
-
-PREFIX = "base_model.model."
-LORA_KEY = re.compile(r"^(?P<path>.+?)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
-                      r"lora_embedding_B|lora_magnitude_vector)$")
-NAMED_KEY = re.compile(r"\.(lora_A|lora_B)\.(?P<name>[^.]+)\.(weight|bias)$|\.(lora_embedding_[AB])\.(?P<emb>[^.]+)$")
 
 
 @dataclass
@@ -128,7 +120,7 @@ def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Rep
         return report
     if directory.is_file():
         report.add("error", "path.file", f"{directory} is a file; a peft adapter is a directory holding "
-                   f"{files.CONFIG_NAME} and {files.WEIGHTS_NAME}")
+                   f"{CONFIG_NAME} and {WEIGHTS_NAME}")
         return report
     config = _check_config(directory, report)
     tensors = _check_weights(directory, report, allow_pickle)
@@ -150,9 +142,9 @@ def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Rep
 
 
 def _check_config(directory: Path, report: Report) -> Optional[LoraConfig]:
-    path = directory / files.CONFIG_NAME
+    path = directory / CONFIG_NAME
     if not path.is_file():
-        report.add("error", "config.missing", f"{path}: no {files.CONFIG_NAME}")
+        report.add("error", "config.missing", f"{path}: no {CONFIG_NAME}")
         return None
     try:
         raw = json.loads(path.read_text())
@@ -203,12 +195,12 @@ def _pattern_entry_ok(path: Path, name: str, key, value, report: Report) -> bool
 
 def _check_weights(directory: Path, report: Report, allow_pickle: bool) -> Optional[dict]:
     try:
-        tensors = files.read_weights(directory, allow_pickle)
+        tensors = read_weights(directory, allow_pickle)
     except (FileNotFoundError, ValueError) as error:
         report.add("error", "weights.unreadable", str(error))
         return None
     if not tensors:
-        report.add("error", "weights.empty", f"{directory / files.WEIGHTS_NAME}: holds no tensors")
+        report.add("error", "weights.empty", f"{directory / WEIGHTS_NAME}: holds no tensors")
         return None
     return tensors
 
@@ -226,7 +218,7 @@ def _expected_shapes(module, r: int) -> dict[str, tuple]:
 
 
 def _check_keys(tensors: dict, config: LoraConfig, model: torch.nn.Module, label: str, report: Report) -> None:
-    named = sorted(k for k in tensors if NAMED_KEY.search(k))
+    named = sorted(k for k in tensors if keeps_adapter_name(k))
     if named:
         report.add("error", "keys.adapter-name", f"keys keep the adapter name (e.g. {named[0]}): peft saves "
                    "'lora_A.weight', not 'lora_A.<adapter>.weight', and will not load these")
@@ -237,15 +229,15 @@ def _check_keys(tensors: dict, config: LoraConfig, model: torch.nn.Module, label
                    "PeftModel.from_pretrained reports them all missing")
         return
     modules = dict(model.named_modules())
-    lora = {k: LORA_KEY.match(k.removeprefix(PREFIX)) for k in tensors}
-    paths = {m["path"] for m in lora.values() if m}
+    lora = {k: split_key(k.removeprefix(PREFIX)) for k in tensors}
+    paths = {m[0] for m in lora.values() if m}
     if paths and not paths & set(modules):
         report.add("error", "keys.inert", _inert_message(sorted(paths), modules, label))
         return
     resolved = copy.deepcopy(config)
     resolve_targets(model, resolved)
     for key in sorted(k for k, m in lora.items() if m):
-        _check_lora_key(key, lora[key]["path"], lora[key]["tensor"], tensors[key], config, resolved, modules, report)
+        _check_lora_key(key, *lora[key], tensors[key], config, resolved, modules, report)
     _check_unplaced(tensors, config, lora, modules, report)
     targeted = [p for p in modules if p and matches_target(p, resolved) and make_lora_layer(modules[p]) is not None]
     for path in targeted:
@@ -280,7 +272,8 @@ def _check_lora_key(key, path, name, tensor, config, resolved, modules, report) 
         transposed = found == expected[::-1]
         report.add("error", "shape.transposed" if transposed else "shape.mismatch",
                    f"{key}: shape {found}, peft expects {expected} for r={r}"
-                   + (" (the factor is transposed, as mlx-lm stores it)" if transposed else ""))
+                   + (" (the factor is transposed: stored (in, r) / (r, out), not peft's (r, in) / (out, r))"
+                      if transposed else ""))
     if name == "lora_B.bias" and not config.lora_bias:
         report.add("error", "keys.unplaced", f"{key}: a lora_B bias while adapter_config.json has lora_bias false: "
                    "peft and reference_impl drop it, so the adapter computes without the bias its writer trained "

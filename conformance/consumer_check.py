@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from reference_impl.peft_format import adapter_directory
+
 from . import checks, corpus, golden, report, spec
 from .expectations import Expectations
 
@@ -43,7 +45,7 @@ class Golden:
     exercises: tuple[str, ...] = ()  # credited with the "unmerged" output
     tolerance: str = "golden"
     resaved: Optional[dict] = None  # (fixtures) the adapter tensors a re-save must reproduce
-    adapter_subfolder: str = ""
+    adapter_name: str = "default"
     cell: dict = field(default_factory=dict)
 
 
@@ -57,8 +59,7 @@ def fixture_goldens(folder: Optional[Path] = None) -> list[Golden]:
     for case in golden.cases(folder):
         expected = case.expected()
         out.append(Golden(case.id, case.id, expected, {o: r for o, r in FIXTURE_OUTPUTS.items() if o in expected},
-                          resaved=case.tensors(), adapter_subfolder="" if case.adapter_name == "default"
-                          else case.adapter_name))
+                          resaved=case.tensors(), adapter_name=case.adapter_name))
     return out
 
 
@@ -77,7 +78,7 @@ def check(goldens: list[Golden], results: Path, expectations: Optional[Expectati
             _expect(outcome, expectations)
             collected.add(outcome)
         if case.resaved is not None and (done / "adapter").is_dir():
-            collected.add(_compare_resaved(case, done / "adapter" / case.adapter_subfolder))
+            collected.add(_compare_resaved(case, adapter_directory(done / "adapter", case.adapter_name)))
     return collected
 
 

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from reference_impl.peft_format import adapter_directory
+
 from . import golden, harness, models
 
 SCHEMA = "peft-conformance/corpus/v1"
@@ -237,7 +239,7 @@ def _write_case(case: CorpusCase, base: torch.nn.Module, root: Path) -> dict:
             if "lora_" in name:
                 parameter.data = parameter.data.to(getattr(torch, case.dtype))
     model.save_pretrained(folder / "adapter")
-    adapter = folder / "adapter" / ("" if case.adapter_name == "default" else case.adapter_name)
+    adapter = adapter_directory(folder / "adapter", case.adapter_name)
 
     # The expected logits are the consumer's path: peft loads the saved files into the saved base.
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), adapter, adapter_name=case.adapter_name).eval()

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from reference_impl.save_load import PEFT_PREFIX as PREFIX  # peft keys: PREFIX + module path + ".lora_A.weight"
+from reference_impl import peft_format
+from reference_impl.peft_format import PREFIX  # peft keys: PREFIX + module path + ".lora_A.weight"
 
 from . import api, models
 from .api import Driver
@@ -157,8 +158,7 @@ def peft_gradients(driver: Driver, model: nn.Module, values: dict[str, torch.Ten
 
 def scaling(config: dict) -> float:
     """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (peft's defaults: r 8, alpha 8)."""
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+    return peft_format.scaling(config.get("lora_alpha", 8), config.get("r", 8), config.get("use_rslora", False))
 
 
 def adapted_modules(keys) -> set[str]:

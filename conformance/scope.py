@@ -12,8 +12,8 @@ from typing import Optional
 
 from torch import nn
 
-from reference_impl.peft_model import TASK_HEADS
-from reference_impl.targeting import is_conv1d_transformers
+from reference_impl.peft_format import TASK_HEADS
+from reference_impl.peft_format import is_conv1d
 
 from . import api, models
 
@@ -43,7 +43,7 @@ def features(config: dict, adapter_name: str = "default") -> set[str]:
 def layer_kind(module: nn.Module) -> Optional[str]:
     """The capability that covers adapting `module`: linear, conv1d (GPT-2's), embedding, conv2d; None if LoRA
     cannot adapt it."""
-    if is_conv1d_transformers(module):
+    if is_conv1d(module):
         return models.CONV1D
     if isinstance(module, nn.Linear):
         return models.LINEAR

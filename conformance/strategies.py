@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 from hypothesis import strategies as st
 
-from reference_impl.peft_model import TASK_HEADS
+from reference_impl.peft_format import TASK_HEADS
 
 from . import scope
 from .models import ZOO, ZooModel

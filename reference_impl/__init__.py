@@ -4,14 +4,21 @@ Read in this order: config.py, targeting.py, layers.py (the forward pass), dora.
 peft_model.py (the wrapper), save_load.py (the file format). Requirement IDs (LORA-...) refer to SPEC.md.
 """
 
-from .config import PEFT_SPEC_VERSION, LoraConfig
+from . import peft_format
+from .config import PEFT_ONLY_FIELDS, PEFT_SPEC_VERSION, LoraConfig
+from .layers import make_lora_layer
 from .model import LoraModel
-from .peft_model import PeftModel, get_peft_model, inject_adapter_in_model
-from .save_load import get_peft_model_state_dict, set_peft_model_state_dict
+from .peft_model import PeftModel, get_peft_model, inject_adapter_in_model, with_task_heads
+from .save_load import get_peft_model_state_dict, read_weights, set_peft_model_state_dict
+from .targeting import matches_target, pattern_value, resolve_targets, unmatched_pattern_keys
 
 __version__ = "0.2.0"
 
 __all__ = [
     "LoraConfig", "LoraModel", "PeftModel", "get_peft_model", "inject_adapter_in_model",
-    "get_peft_model_state_dict", "set_peft_model_state_dict", "PEFT_SPEC_VERSION",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "PEFT_SPEC_VERSION", "peft_format",
+    # For tools that inspect adapters without loading them (conformance/check_adapter.py): which modules a config
+    # selects, with which rank, what layer LoRA would put there, what a file holds.
+    "make_lora_layer", "matches_target", "pattern_value", "resolve_targets", "unmatched_pattern_keys",
+    "with_task_heads", "read_weights", "PEFT_ONLY_FIELDS",
 ]

@@ -1,20 +1,19 @@
-"""LoraConfig: the fields of peft's adapter_config.json that plain LoRA uses, their defaults and checks.
+"""LoraConfig: the fields of peft's adapter_config.json that plain LoRA uses, what each does, and peft's defaults.
+The checks every value goes through at construction are in config_checks.py.
 
 Spec areas: CFG (fields, defaults, validation) and SER (what adapter_config.json holds).
 Reference: peft 0.21.2 `tuners/lora/config.py` and `config.py` (facts only; see SPEC.md).
 """
 
-import math
-import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
+from . import config_checks
+
 # The peft release whose file format and numbers this package reproduces.
 PEFT_SPEC_VERSION = "0.21.2"
 
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-BIAS_MODES = ("none", "all", "lora_only")
 
 # peft's LoraConfig has fields for features outside plain LoRA (LoftQ, EVA, QALoRA, ...). We write them with
 # peft's defaults so that our adapter_config.json has exactly the keys peft writes, and refuse any other value
@@ -50,41 +49,43 @@ class LoraConfig:
     Spec: LORA-CFG-001 (defaults), LORA-CFG-002 (validation), LORA-CFG-003 (task_type).
     """
 
-    r: int = 8
-    lora_alpha: float = 8
-    target_modules: Targets = None
-    exclude_modules: Targets = None
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: Optional[list[str]] = None
-    init_lora_weights: Union[bool, str] = True
-    layers_to_transform: Union[int, list[int], None] = None
-    layers_pattern: Union[str, list[str], None] = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_dora: bool = False
-    lora_bias: bool = False
-    task_type: Optional[str] = None
-    inference_mode: bool = False
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    peft_type: str = "LORA"
-    auto_mapping: Optional[dict] = None
+    r: int = 8  # the rank: A is (r, in), B is (out, r)
+    lora_alpha: float = 8  # scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)
+    target_modules: Targets = None  # names (matched as dotted suffixes), one regex (fullmatch), "all-linear", or None:
+    #                                 the architecture's default (targeting.DEFAULT_TARGETS)
+    exclude_modules: Targets = None  # modules never adapted, by the same rules
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input, in train mode
+    fan_in_fan_out: bool = False  # weight stored (in, out); set per layer from its type (GPT-2's Conv1D: True)
+    bias: str = "none"  # which biases train and are saved: "none", "all", "lora_only" (those of adapted layers)
+    use_rslora: bool = False  # rank-stabilised scaling, lora_alpha / sqrt(r)
+    modules_to_save: Optional[list[str]] = None  # modules trained and saved in full (a classifier head, lm_head)
+    init_lora_weights: Union[bool, str] = True  # True: A kaiming, B = 0; "gaussian": A ~ N(0, 1/r); False: random B
+    layers_to_transform: Union[int, list[int], None] = None  # only these layer indices are adapted
+    layers_pattern: Union[str, list[str], None] = None  # the name of the layer list ("h", "layers"), for the index
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> r for the modules it matches
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> lora_alpha for the modules it matches
+    use_dora: bool = False  # DoRA: a learned magnitude per output feature rescales W + s B A (dora.py)
+    lora_bias: bool = False  # lora_B gets a bias too
+    task_type: Optional[str] = None  # one of peft_format.TASK_TYPES; classifier tasks save their head in full
+    inference_mode: bool = False  # written True by save_pretrained; a loaded adapter is frozen unless is_trainable
+    base_model_name_or_path: Optional[str] = None  # where the base came from (informational, as in peft)
+    revision: Optional[str] = None  # the base model's revision (informational)
+    peft_type: str = "LORA"  # the method; only LoRA here
+    auto_mapping: Optional[dict] = None  # peft's record of a custom model class (informational)
     # "<release>@<producer>" is peft's own spelling for "not exactly this release" (peft config.py, dev builds).
     peft_version: str = f"{PEFT_SPEC_VERSION}@reference_impl"
 
     def __post_init__(self):
-        _check_types(self)
+        """The boundary where bad values stop (config_checks.py): nothing later re-checks them."""
+        config_checks.check_types(self)
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):
             self.exclude_modules = set(self.exclude_modules)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
-        _check_values(self)
-        _check_combinations(self)
+        config_checks.check_values(self)
+        config_checks.check_combinations(self)
 
     @property
     def is_regex_target(self) -> bool:
@@ -118,92 +119,3 @@ class LoraConfig:
         if unknown:
             warnings.warn(f"adapter_config.json: ignoring unknown keys {unknown}", UserWarning, stacklevel=2)
         return cls(**{key: value for key, value in data.items() if key in known})
-
-
-def _is_names(value) -> bool:
-    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
-
-
-def _expect(field_name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"LoraConfig.{field_name} must be {allowed}, got {value!r}")
-
-
-def _check_types(config: LoraConfig) -> None:
-    """Every field's type, before anything is converted. Spec: LORA-ERR-001."""
-    for name in ("target_modules", "exclude_modules"):
-        value = getattr(config, name)
-        _expect(name, value, value is None or isinstance(value, str) or _is_names(value),
-                "None, a regex string or a list of module names")
-    _expect("modules_to_save", config.modules_to_save, config.modules_to_save is None or
-            _is_names(config.modules_to_save), "None or a list of module names")
-    layers = config.layers_to_transform
-    _expect("layers_to_transform", layers, layers is None or (isinstance(layers, int) and not isinstance(
-        layers, bool)) or (isinstance(layers, list) and all(type(i) is int for i in layers)),
-        "None, a layer index or a list of layer indices")
-    pattern = config.layers_pattern
-    _expect("layers_pattern", pattern, pattern is None or isinstance(pattern, str) or _is_names(pattern),
-            "None, a string or a list of strings")
-    for name in ("rank_pattern", "alpha_pattern"):
-        _expect(name, getattr(config, name), isinstance(getattr(config, name), dict), "a dict {regex: value}")
-    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
-        _expect(name, getattr(config, name), isinstance(getattr(config, name), bool), "true or false")
-
-
-def _check_values(config: LoraConfig) -> None:
-    """Reject values peft would reject later (or never): fail at construction, naming the field.
-    Spec: LORA-CFG-002, LORA-ERR-001."""
-    r = config.r
-    _expect("r", r, type(r) is int and r > 0, "a positive integer")
-    _check_number("lora_alpha", config.lora_alpha)
-    _expect("lora_alpha", config.lora_alpha, config.lora_alpha > 0, "positive (scaling = lora_alpha / r)")
-    dropout = config.lora_dropout
-    _check_number("lora_dropout", dropout)
-    _expect("lora_dropout", dropout, 0.0 <= dropout < 1.0, "in [0, 1)")
-    _expect("bias", config.bias, config.bias in BIAS_MODES, f"one of {BIAS_MODES}")
-    init = config.init_lora_weights
-    _expect("init_lora_weights", init, isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian"),
-            "True, False or 'gaussian'")
-    _expect("task_type", config.task_type, config.task_type is None or config.task_type in TASK_TYPES,
-            f"None or one of {TASK_TYPES}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        for key, value in getattr(config, name).items():
-            _check_regex(f"{name} key", key)
-            _check_number(f"{name}[{key!r}]", value)
-            _expect(f"{name}[{key!r}]", value, value > 0 and (name == "alpha_pattern" or type(value) is int),
-                    "a positive integer" if name == "rank_pattern" else "positive")
-    if isinstance(config.target_modules, str):
-        _check_regex("target_modules", config.target_modules)
-    if isinstance(config.exclude_modules, str):
-        _check_regex("exclude_modules", config.exclude_modules)
-
-
-def _check_combinations(config: LoraConfig) -> None:
-    """peft's own __post_init__ checks, with peft's messages (peft 0.21.2 lora/config.py:1036-1113)."""
-    if config.is_regex_target and config.layers_to_transform is not None:
-        raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-    if config.is_regex_target and config.layers_pattern is not None:
-        raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
-    if config.lora_bias and config.use_dora:
-        raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
-    if config.lora_bias and config.init_lora_weights not in (True, False):
-        raise ValueError(
-            "The argument lora_bias=True is only supported with init_lora_weights=True or False, "
-            f"got init_lora_weights={config.init_lora_weights} instead."
-        )
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"LoraConfig.{name} must be a finite number, got {value!r}")
-
-
-def _check_regex(name: str, pattern: Any) -> None:
-    if not isinstance(pattern, str):
-        raise ValueError(f"LoraConfig.{name} must be a string, got {pattern!r}")
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"LoraConfig.{name} {pattern!r} is not a valid regular expression: {error}") from None

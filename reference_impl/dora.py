@@ -47,7 +47,7 @@ def adapted_output(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> t
     Linear/conv: result + (m/n - 1) * (W x) + (m/n) * s * B A x, where W x is the base output without its bias.
     With dropout active, W x is recomputed on the dropped input (peft 0.21.2 variants.py:242-246).
     Embedding: (m/n) * (result + s * A.T[x] @ B.T), no dropout."""
-    if hasattr(layer, "lookup"):
+    if layer.is_embedding:
         scale = _scale(layer, name, layer.base_layer.weight.dtype)
         A, B = layer.factors(name)
         return scale * result + scale * (layer.lookup(x, A.T) @ B.T) * layer.scaling[name]

@@ -1,8 +1,10 @@
-"""LoRA layers: a frozen base layer plus named low-rank adapters, y = base(x) + B(A(dropout(x))) * scaling.
+"""LoRA layers: a frozen base layer plus named low-rank adapters,
 
-Spec areas: INIT (shapes, initial values), FWD (forward), MERGE (delta weight, merge, unmerge).
-Attribute names (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`, ...) are peft's, because the
-saved keys are built from them. Papers: Hu et al. 2021, "LoRA", eq. 3; Kalajdzievski 2023, "rsLoRA".
+    y = base(x) + B(A(dropout(x))) * scaling,    scaling = lora_alpha / r  (lora_alpha / sqrt(r) with rsLoRA)
+
+Spec areas: INIT (shapes, initial values), FWD (forward), MERGE (merging.py). Attribute names (`base_layer`,
+`lora_A`, `lora_B`, `lora_embedding_A`, ...) are peft's, because the saved keys are built from them.
+Papers: Hu et al. 2021, "LoRA", eq. 3; Kalajdzievski 2023, "rsLoRA".
 """
 
 import math
@@ -15,17 +17,84 @@ from torch import nn
 
 from . import dora
 from .config import LoraConfig
-from .targeting import is_conv1d_transformers
+from .merging import Merging
+from .peft_format import is_conv1d, scaling
 
 
-class LoraLayer(nn.Module):
-    """What every LoRA layer shares: the base layer, per-adapter scaling, activity and merge state.
+class LoraLayer(Merging, nn.Module):
+    """A base layer and its adapters. forward() is the formula; the layer types (Linear, Conv, Embedding) supply
+    the hooks declared below it: how factors are built and stored, how an adapter's output is added, and what the
+    delta weight B A looks like in the base weight's layout."""
 
-    Subclasses say how to build the factors (`add_adapter`), what the delta weight is (`delta_from_factors`)
-    and how the adapter output is added (`adapter_output`)."""
+    is_embedding = False  # an embedding looks its factor A up instead of multiplying by it (DoRA asks)
 
-    rounds_delta_on_merge = False  # see _fold
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base(x) plus every active adapter's output, in the base output's dtype.
+        Spec: LORA-FWD-001, LORA-FWD-005, LORA-FWD-007, LORA-MULTI-004."""
+        if self.disabled and self.merged_adapters:
+            self.unmerge()  # peft 0.21.2 layer.py:1079: a disabled, merged layer unmerges for good (LORA-FWD-007)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged_adapters:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.r:
+                x = self.adapter_input(name, x)  # stays cast for the adapters after it, as in peft
+                result = self.adapter_output(name, x, result)
+        return result.to(result_dtype)
 
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The LoRA formula: result + B(A(dropout(x))) * scaling; DoRA rescales it (dora.py).
+        Spec: LORA-FWD-001, LORA-FWD-004 (dropout on the LoRA branch only), LORA-FWD-009 (conv)."""
+        if name in self.lora_magnitude_vector:
+            return dora.adapted_output(self, name, x, result)
+        return result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+
+    # --- hooks each layer type defines -----------------------------------------------------------------------
+    def adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x as the adapter takes it (Linear casts it to the adapter's dtype)."""
+        return x
+
+    def factor_containers(self) -> tuple:
+        """The dicts that hold each adapter's A and B, by adapter name."""
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors A (r, in, ...) and B (out, r, ...) of adapter `name`."""
+        raise NotImplementedError
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool,
+                    initialize: bool = True) -> None:
+        """Create adapter `name`: factors with peft's initial values (or zeros, drawing nothing, when
+        initialize=False because values are about to be loaded). Spec: LORA-INIT-001..005."""
+        raise NotImplementedError
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """The adapter's parameters under their saved key suffixes (lora_A.weight, ...). Spec: LORA-KEYS-001..006."""
+        raise NotImplementedError
+
+    def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """B A, out first: (out, in, ...)."""
+        raise NotImplementedError
+
+    def out_first(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight seen as (out_features, in_features, ...); its own inverse."""
+        return weight
+
+    def fold_operands(self, A: torch.Tensor, B: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(left, right) with left @ right = B A in the stored weight's layout, for merging in one addmm_; None
+        where no single matrix product gives it (conv)."""
+        return None
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """W x without the base bias (DoRA recomputes it on the dropped input)."""
+        raise NotImplementedError
+
+    def broadcast_bias(self) -> Optional[torch.Tensor]:
+        """The base bias shaped to broadcast against the layer output, or None."""
+        raise NotImplementedError
+
+    # --- adapter bookkeeping -----------------------------------------------------------------------------------
     def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Module]):
         super().__init__()
         # Registered in peft's order, so that named_parameters() lists the same names in the same order
@@ -50,7 +119,7 @@ class LoraLayer(nn.Module):
     def _add_settings(self, name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
         """Rank, scaling and dropout of a new adapter. Spec: LORA-FWD-002 (scaling), LORA-FWD-004 (dropout)."""
         self.r[name], self.lora_alpha[name], self.lora_bias[name] = r, lora_alpha, config.lora_bias
-        self.scaling[name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        self.scaling[name] = scaling(lora_alpha, r, config.use_rslora)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
     def _finish_adapter(self, name: str, config: LoraConfig, upcast_half: bool) -> None:
@@ -78,102 +147,21 @@ class LoraLayer(nn.Module):
             settings.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
-    def out_first(self, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight seen as (out_features, in_features, ...); its own inverse."""
-        return weight
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """s * (B @ A), shaped like the base weight; fp16/bf16 factors on CPU are multiplied in fp32.
-
-        Spec: LORA-MERGE-001."""
-        A, B = self.factors(name)
-        dtype = B.dtype
-        if B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            A, B = A.float(), B.float()
-        return (self.out_first(self.delta_from_factors(A, B)) * self.scaling[name]).to(dtype)
-
-    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weight; safe_merge checks for NaN/Inf first. Spec: LORA-MERGE-005."""
-        base = self.base_layer
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            weight = self.merged_weight(name, base.weight.data.clone() if safe_merge else base.weight.data,
-                                        round_delta=safe_merge or self.rounds_delta_on_merge)
-            bias = self.lora_bias_after_merge(name, sign=1)
-            if safe_merge and not all(torch.isfinite(t).all() for t in (weight, bias) if t is not None):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            base.weight.data = weight
-            if bias is not None:
-                base.bias.data = bias
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Take merged adapters out again, last merged first. Spec: LORA-MERGE-003."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_layer.weight.data = self.unmerged_weight(name, self.base_layer.weight.data)
-            bias = self.lora_bias_after_merge(name, sign=-1)
-            if bias is not None:
-                self.base_layer.bias.data = bias
-
-    def merged_weight(self, name: str, weight: torch.Tensor, round_delta: bool = False) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return dora.merged_weight(self, name, weight)
-        return self._fold(name, weight, sign=1, round_delta=round_delta)
-
-    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return dora.unmerged_weight(self, name, weight)
-        return self._fold(name, weight, sign=-1, round_delta=True)
-
-    def _fold(self, name: str, weight: torch.Tensor, sign: int, round_delta: bool) -> torch.Tensor:
-        """weight += sign * s * BA, in one addmm_ pass when the layout and dtypes allow (no temporary of the
-        weight's size), else through delta_weight. On a half-precision weight, peft rounds the float32 delta to the
-        weight's dtype before adding it when it unmerges, merges safely or merges an Embedding, and adds it unrounded
-        (one rounding) otherwise; the last bit of the merged weight depends on it. Spec: LORA-MERGE-009."""
-        A, B = self.factors(name)
-        operands = self.fold_operands(A, B)
-        if operands is not None and weight.dtype == A.dtype == B.dtype and weight.device == A.device:
-            return weight.addmm_(*operands, alpha=sign * self.scaling[name])
-        delta = self.delta_weight(name)
-        return weight.add_(delta.to(weight.dtype) if round_delta else delta, alpha=sign)
-
-    def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
-        """(left, right) with left @ right = BA in the stored weight's layout, or None (conv)."""
-        return None
-
-    def lora_bias_after_merge(self, name: str, sign: int) -> Optional[torch.Tensor]:
-        """With lora_bias, merging also adds s * B.bias to the base bias. Spec: LORA-MERGE-007."""
-        if not self.lora_bias[name]:
-            return None
-        if getattr(self.base_layer, 'bias', None) is None:
-            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-        bias = self.base_layer.bias.data
-        return (bias + sign * self.lora_B[name].bias * self.scaling[name]).to(bias.dtype)  # the base keeps its dtype
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Spec: LORA-FWD-001, LORA-FWD-005, LORA-FWD-007, LORA-MULTI-004."""
-        if self.disabled and self.merged_adapters:
-            self.unmerge()  # peft 0.21.2 layer.py:1079: a disabled, merged layer unmerges for good (LORA-FWD-007)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged_adapters:
-            return result
-        result_dtype = result.dtype
-        for name in self.active_adapters:
-            if name in self.r:
-                result, x = self.adapter_output(name, x, result)
-        return result.to(result_dtype)
-
 
 class Linear(LoraLayer):
     """LoRA for nn.Linear, and for GPT-2's Conv1D, whose weight is stored transposed (fan_in_fan_out)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer, {"lora_A": nn.ModuleDict(), "lora_B": nn.ModuleDict()})
-        self.fan_in_fan_out = is_conv1d_transformers(base_layer)
-        weight_shape = tuple(base_layer.weight.shape)
-        self.in_features, self.out_features = weight_shape if self.fan_in_fan_out else weight_shape[::-1]
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features, self.out_features = self.feature_sizes()
+
+    def feature_sizes(self) -> tuple[int, int]:
+        shape = tuple(self.base_layer.weight.shape)
+        return shape if self.fan_in_fan_out else shape[::-1]
+
+    def adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.lora_A[name].weight.dtype)
 
     def factor_containers(self):
         return self.lora_A, self.lora_B
@@ -182,8 +170,7 @@ class Linear(LoraLayer):
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
-        """The adapter's parameters by saved key suffix: lora_A.weight, lora_B.weight[, lora_B.bias,
-        lora_magnitude_vector]. Spec: LORA-KEYS-001, LORA-KEYS-005."""
+        """lora_A.weight, lora_B.weight[, lora_B.bias, lora_magnitude_vector]. Spec: LORA-KEYS-001, LORA-KEYS-005."""
         tensors = {f"lora_A.{key}": p for key, p in self.lora_A[name].named_parameters()}
         tensors.update({f"lora_B.{key}": p for key, p in self.lora_B[name].named_parameters()})
         if name in self.lora_magnitude_vector:
@@ -196,8 +183,7 @@ class Linear(LoraLayer):
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool,
                     initialize: bool = True) -> None:
-        """Spec: LORA-INIT-001 (shapes), LORA-INIT-002..005 (values, bit-exact for a given torch seed).
-        initialize=False (values about to be loaded) starts from zeros and draws nothing from the RNG."""
+        """Spec: LORA-INIT-001 (shapes), LORA-INIT-002..005 (values, bit-exact for a given torch seed)."""
         self._add_settings(name, r, lora_alpha, config)
         # Both constructors draw their default init from the global RNG, A first: peft draws in this order.
         self.lora_A[name], self.lora_B[name] = self.make_factors(r, config.lora_bias, initialize)
@@ -223,13 +209,6 @@ class Linear(LoraLayer):
     def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
         return (A.T, B.T) if self.fan_in_fan_out else (B, A)  # (BA)^T = A^T B^T for Conv1D's (in, out)
 
-    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor):
-        """result + B(A(dropout(x))) * s; x is cast to the adapter dtype and stays cast for later adapters."""
-        x = x.to(self.lora_A[name].weight.dtype)
-        if name in self.lora_magnitude_vector:
-            return dora.adapted_output(self, name, x, result), x
-        return result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name], x
-
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.out_first(self.base_layer.weight).to(x.dtype))
 
@@ -242,11 +221,12 @@ class Conv(Linear):
     1, as in peft), B a 1x1 conv with the base's groups. Spec: LORA-FWD-009."""
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd):
-        LoraLayer.__init__(self, base_layer, {"lora_A": nn.ModuleDict(), "lora_B": nn.ModuleDict()})
-        self.fan_in_fan_out = False
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        super().__init__(base_layer)
         if base_layer.groups > 1:
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
+
+    def feature_sizes(self) -> tuple[int, int]:
+        return self.base_layer.in_channels, self.base_layer.out_channels
 
     def make_factors(self, r: int, lora_bias: bool, initialize: bool = True) -> tuple[nn.Module, nn.Module]:
         base = self.base_layer
@@ -287,11 +267,25 @@ class Conv(Linear):
 class Embedding(LoraLayer):
     """LoRA for nn.Embedding: A (r, vocab) is looked up like an embedding table, then projected by B (dim, r)."""
 
-    rounds_delta_on_merge = True  # see LoraLayer._fold
+    is_embedding = True
+    rounds_delta_on_merge = True  # see Merging.add_delta
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer, {"lora_embedding_A": nn.ParameterDict(), "lora_embedding_B": nn.ParameterDict()})
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + (A.T[x] @ B.T) * s, with no dropout and no input cast, as in peft. Spec: LORA-FWD-003."""
+        if name in self.lora_magnitude_vector:
+            return dora.adapted_output(self, name, x, result)
+        A, B = self.factors(name)
+        return result + (self.lookup(x, A.T) @ B.T) * self.scaling[name]
+
+    def lookup(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Embed with the base layer's options (padding_idx only changes gradients)."""
+        base = self.base_layer
+        return F.embedding(tokens, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
 
     def factor_containers(self):
         return self.lora_embedding_A, self.lora_embedding_B
@@ -329,19 +323,6 @@ class Embedding(LoraLayer):
     def fold_operands(self, A: torch.Tensor, B: torch.Tensor):
         return A.T, B.T  # the table is (vocab, dim)
 
-    def lookup(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Embed with the base layer's options (padding_idx only changes gradients)."""
-        base = self.base_layer
-        return F.embedding(tokens, table, base.padding_idx, base.max_norm, base.norm_type,
-                           base.scale_grad_by_freq, base.sparse)
-
-    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor):
-        """result + (A.T[x] @ B.T) * s, with no dropout and no input cast, as in peft. Spec: LORA-FWD-003."""
-        if name in self.lora_magnitude_vector:
-            return dora.adapted_output(self, name, x, result), x
-        A, B = self.factors(name)
-        return result + (self.lookup(x, A.T) @ B.T) * self.scaling[name], x
-
 
 def construct(cls, *args, initialize: bool = True, **kwargs) -> nn.Module:
     """cls(*args) with its default random init, or, for values about to be loaded, zeros drawn from nothing."""
@@ -359,7 +340,7 @@ def warn_fan_in_fan_out(base_layer: nn.Module, config: LoraConfig) -> None:
         warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
                       "Setting fan_in_fan_out to False.")
         config.fan_in_fan_out = False
-    elif is_conv1d_transformers(base_layer) and not config.fan_in_fan_out:
+    elif is_conv1d(base_layer) and not config.fan_in_fan_out:
         warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
                       "Setting fan_in_fan_out to True.")
         config.fan_in_fan_out = True
@@ -371,6 +352,6 @@ def make_lora_layer(module: nn.Module) -> Optional[LoraLayer]:
         return Embedding(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return Conv(module)
-    if isinstance(module, nn.Linear) or is_conv1d_transformers(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return Linear(module)
     return None

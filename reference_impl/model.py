@@ -26,7 +26,7 @@ def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
 class LoraModel(nn.Module):
     """The user's model (`self.model`) with LoRA layers in it, and the adapters' configs by name.
 
-    peft nests it as `PeftModel.base_model`, so parameter names start with `base_model.model.`."""
+    peft nests it as `PeftModel.base_model`, so parameter names start with peft_format.PREFIX."""
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", upcast_half=True,
                  initialize: bool = True):
@@ -34,8 +34,12 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters = [adapter_name]
+        # peft's public record of the adapted module names (nothing here reads it; users and tools do).
         self.targeted_module_names: list[str] = []
-        self.inject(config, adapter_name, upcast_half, initialize)
+        # fp16/bf16 adapters are upcast to fp32 (peft's autocast_adapter_dtype), except when injected without the
+        # PeftModel wrapper (inject_adapter_in_model). LORA-INIT-006.
+        self.upcast_half = upcast_half
+        self.inject(config, adapter_name, initialize)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     def forward(self, *args, **kwargs):
@@ -47,9 +51,10 @@ class LoraModel(nn.Module):
     def wrappers(self) -> Iterator[ModulesToSaveWrapper]:
         return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
 
-    def inject(self, config: LoraConfig, adapter_name: str, upcast_half: bool = True, initialize: bool = True) -> None:
+    def inject(self, config: LoraConfig, adapter_name: str, initialize: bool = True) -> None:
         """Add adapter `adapter_name` to every targeted module, in `named_modules()` order (the order in which
-        peft draws initial values). Spec: LORA-MATCH-001..008, LORA-INIT-003."""
+        peft draws initial values); initialize=False when values are about to be loaded (zeros, no RNG draws).
+        Spec: LORA-MATCH-001..008, LORA-INIT-003."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
@@ -68,7 +73,7 @@ class LoraModel(nn.Module):
                 continue
             if not matches_target(name, config):
                 continue
-            self._add_to_module(name, config, adapter_name, upcast_half, initialize)
+            self._add_to_module(name, config, adapter_name, initialize)
             targeted.append(name)
         if not targeted:
             raise no_match_error(config, names, excluded)
@@ -86,8 +91,7 @@ class LoraModel(nn.Module):
         self.targeted_module_names += [n for n in targeted if n not in self.targeted_module_names]
         self.peft_config[adapter_name] = config
 
-    def _add_to_module(self, name: str, config: LoraConfig, adapter_name: str, upcast_half: bool,
-                       initialize: bool) -> None:
+    def _add_to_module(self, name: str, config: LoraConfig, adapter_name: str, initialize: bool) -> None:
         module = self.model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             base = module
@@ -100,7 +104,7 @@ class LoraModel(nn.Module):
         warn_fan_in_fan_out(module.base_layer, config)
         r = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
-        module.add_adapter(adapter_name, r, alpha, config, upcast_half, initialize)
+        module.add_adapter(adapter_name, r, alpha, config, self.upcast_half, initialize)
         module.active_adapters = list(self.active_adapters)
 
     # --- which adapters run and train ---------------------------------------------------------------------

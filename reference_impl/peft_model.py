@@ -7,26 +7,21 @@ Spec areas: PARAM (counts), SER (save_pretrained), LOAD (from_pretrained, load_a
 import contextlib
 import copy
 import warnings
+from pathlib import Path
 from typing import Optional
 
 from torch import nn
 
-from . import save_load
+from . import peft_format, save_load
 from .config import LoraConfig
 from .model import LoraModel
-
-
-# The heads a task type trains and saves in full, added to every adapter's modules_to_save (peft_model.py:1830,
-# 2680, 2915). Names absent from the model are simply not found.
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
-              "QUESTION_ANS": ["qa_outputs"]}
 
 
 def with_task_heads(config: LoraConfig, task_type: Optional[str]) -> LoraConfig:
     """`config` with the task's heads appended to modules_to_save. peft appends on every wrap, also when loading
     a config that already lists them, so a saved-then-loaded classifier adapter lists them twice. Spec:
     LORA-TASK-001."""
-    heads = TASK_HEADS.get(task_type)
+    heads = peft_format.TASK_HEADS.get(task_type)
     if not heads:
         return config
     config = copy.deepcopy(config)
@@ -133,7 +128,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
                              f"are {list(self.peft_config)} - got {unknown}.")
         for name in names:
-            save_load.write_adapter(save_load.adapter_directory(save_directory, name),
+            save_load.write_adapter(peft_format.adapter_directory(save_directory, name),
                                     save_load.get_peft_model_state_dict(self, adapter_name=name),
                                     self._config_to_save(name))
 
@@ -194,7 +189,7 @@ class PeftModel(nn.Module):
 
     def _set_weights(self, tensors: dict, directory, adapter_name: str) -> save_load.IncompatibleKeys:
         """Spec: LORA-LOAD-005 (missing keys warn, as in peft), LORA-ERR-005 (keys for absent modules)."""
-        path = save_load.Path(directory) / save_load.WEIGHTS_NAME
+        path = Path(directory) / peft_format.WEIGHTS_NAME
         try:
             keys = save_load.set_peft_model_state_dict(self, tensors, adapter_name)
         except ValueError as error:
@@ -204,7 +199,7 @@ class PeftModel(nn.Module):
             try:
                 self.get_submodule(module)
             except AttributeError:
-                raise ValueError(f"{path}: tensor {key} is for module {module.removeprefix(save_load.PEFT_PREFIX)!r}, "
+                raise ValueError(f"{path}: tensor {key} is for module {module.removeprefix(peft_format.PREFIX)!r}, "
                                  "which the base model does not have (wrong base model?)") from None
         if keys.unexpected_keys:  # peft ignores them silently
             warnings.warn(f"{path}: ignoring tensors the adapter has no place for: {keys.unexpected_keys}")
@@ -220,7 +215,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Add LoRA layers to `model` without a wrapper; the adapters stay half precision if the base is. Saved keys
-    have no "base_model.model." prefix. Spec: LORA-KEYS-004."""
+    have no peft_format.PREFIX. Spec: LORA-KEYS-004."""
     lora_model = LoraModel(model, peft_config, adapter_name, upcast_half=False)
     model.peft_config = lora_model.peft_config
     return model

@@ -1,6 +1,6 @@
 """peft's adapter format: which tensors are saved under which keys, and the two files of an adapter directory.
 
-    adapter_model.safetensors   keys "base_model.model.<module path>.lora_A.weight", ..., metadata {"format": "pt"}
+    adapter_model.safetensors   keys PREFIX + "<module path>.lora_A.weight", ..., metadata {"format": "pt"}
     adapter_config.json         the LoraConfig, 41 keys, sorted, indented by 2
 
 Spec areas: KEYS, SER, LOAD. The adapter name never appears in a saved key (LORA-KEYS-001); a non-default
@@ -21,12 +21,9 @@ from torch import nn
 from .config import LoraConfig
 from .layers import LoraLayer
 from .model import LoraModel, adapter_parameters
+from .peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME
 from .targeting import EMBEDDING_NAMES
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 
 
 class IncompatibleKeys(NamedTuple):
@@ -35,9 +32,9 @@ class IncompatibleKeys(NamedTuple):
 
 
 def _adapter_owner(model: nn.Module) -> tuple[dict, str]:
-    """(peft_config, key prefix): a PeftModel's keys start with "base_model.model.", an injected model's don't."""
+    """(peft_config, key prefix): a PeftModel's keys start with PREFIX, an injected model's don't."""
     if isinstance(getattr(model, "base_model", None), LoraModel):
-        return model.base_model, PEFT_PREFIX
+        return model.base_model, PREFIX
     if hasattr(model, "peft_config"):
         return model, ""
     raise ValueError(f"{type(model).__name__} has no LoRA adapters: use get_peft_model or inject_adapter_in_model")
@@ -79,18 +76,27 @@ def saved_embeddings(model: nn.Module, config: LoraConfig):
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict=None, adapter_name: str = "default"):
-    """What save_pretrained writes: detached tensors under peft's keys. Spec: LORA-SER-002."""
-    return {key: p.detach() for key, p in adapter_state_dict(model, adapter_name).items()}
+    """What save_pretrained writes: the adapter's tensors under peft's keys, detached. Given `state_dict` (the model's
+    own, keyed as in memory, e.g. `model.state_dict(keep_vars=True)` for live tensors), its tensors are returned
+    under the saved keys instead, as peft maps the state dict it is given. Spec: LORA-SER-002."""
+    params = adapter_state_dict(model, adapter_name)
+    if state_dict is None:
+        return {key: p.detach() for key, p in params.items()}
+    in_memory = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        in_memory.setdefault(id(tensor), name)
+    return {key: state_dict[in_memory[id(p)]] for key, p in params.items()
+            if id(p) in in_memory and in_memory[id(p)] in state_dict}
 
 
 def set_peft_model_state_dict(model: nn.Module, state_dict: dict, adapter_name: str = "default") -> IncompatibleKeys:
-    """Copy saved tensors into adapter `adapter_name`. Keys with the "base_model.model." prefix are accepted by
+    """Copy saved tensors into adapter `adapter_name`. Keys with PREFIX are accepted by
     an injected model too. A key that names a parameter or buffer of the model itself (a layer norm's weight, an
     embedding's 'base_layer.weight') is copied into it, as peft's non-strict load_state_dict does: the base model
     changes, and unload keeps the change. Spec: LORA-LOAD-005, LORA-LOAD-007."""
     params = adapter_state_dict(model, adapter_name)
-    if params and not next(iter(params)).startswith(PEFT_PREFIX):
-        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
+    if params and not next(iter(params)).startswith(PREFIX):
+        state_dict = {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
     base = {key: tensor for key, tensor in model.state_dict(keep_vars=True).items() if key not in params}
     targets = {key: params.get(key, base.get(key)) for key in state_dict if key in params or key in base}
     for key, tensor in targets.items():
@@ -104,9 +110,6 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict, adapter_name: 
     return IncompatibleKeys(missing, [key for key in state_dict if key not in targets])
 
 
-def adapter_directory(directory, adapter_name: str) -> Path:
-    """"default" lives in the directory itself, any other adapter in a subfolder named after it."""
-    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
 def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> None:

@@ -11,6 +11,7 @@ from typing import Optional
 from torch import nn
 
 from .config import LoraConfig
+from .peft_format import is_conv1d
 
 # The names peft treats as a transformers model's input and output embeddings (its EMBEDDING_LAYER_NAMES): adapting
 # one saves its base weight beside the adapter (LORA-KEYS-010) and, on a tied model, touches both (LORA-MERGE-010).
@@ -24,11 +25,6 @@ DEFAULT_TARGETS = {
     "bert": {"query", "value"},
     "opt": {"q_proj", "v_proj"},
 }
-
-
-def is_conv1d_transformers(module: nn.Module) -> bool:
-    """GPT-2's `transformers.pytorch_utils.Conv1D`: a Linear whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
 def matches_names(name: str, names: set[str]) -> bool:
@@ -131,7 +127,7 @@ def shortest_separating_suffixes(targets: set[str], module_names: list[str]) -> 
 
 def all_linear_names(model: nn.Module) -> set[str]:
     """Every Linear and GPT-2 Conv1D, minus a transformers model's output layer (the LM head)."""
-    names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d_transformers(m)}
+    names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     return {name for name in names if head is None or model.get_submodule(name) is not head}

@@ -20,7 +20,8 @@ from conformance.api import NoExactMapping
 
 SUPPORTED = ("c_attn", "c_fc")
 PARTS = {"c_attn": ("q", "k", "v"), "c_fc": ("",)}  # c_attn's output is [q | k | v]
-PREFIX = "base_model.model."
+from reference_impl import peft_format
+from reference_impl.peft_format import PREFIX
 
 
 # --- the library ------------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class SplitLayout:
 
 ACCEPTED = {"target_modules": None, "r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": True,
             "fan_in_fan_out": True, "bias": "none", "task_type": None, "peft_type": "LORA", "inference_mode": False}
-TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+TASK_TYPES = (None, *peft_format.TASK_TYPES)
 
 
 class SplitLoraDriver:

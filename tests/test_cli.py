@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from conformance import golden, spec
 from conformance.cli import app
+from reference_impl.peft_format import PREFIX
 from tests.conftest import ROOT
 
 runner = CliRunner()
@@ -39,7 +40,7 @@ def test_check_adapter_accepts_peft_s_own_directory(adapter):
      "shape (4, 96), peft expects (96, 4) for r=4 (the factor is transposed"),
     (lambda t: {k.replace(".weight", ".default.weight"): v for k, v in t.items()}, "keys keep the adapter name"),
     (lambda t: {}, "holds no tensors"),
-    (lambda t: {k.removeprefix("base_model.model."): v for k, v in t.items()}, "keys without the 'base_model"),
+    (lambda t: {k.removeprefix(PREFIX): v for k, v in t.items()}, f"keys without the '{PREFIX}' prefix"),
 ])
 def test_check_adapter_names_the_problem(adapter, damage, message):
     _rewrite(adapter, damage)

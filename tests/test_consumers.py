@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from conformance import consumers, corpus, golden
 from conformance.check_adapter import check
 from conformance.cli import app
+from reference_impl.peft_format import PREFIX
 from tests.conftest import ROOT
 
 runner = CliRunner()
@@ -209,7 +210,7 @@ def test_check_adapter_passes_a_good_adapter_on_a_config_only_base(exported, tmp
 
 def test_check_adapter_flags_a_wrong_prefix_as_silently_inert(exported, tmp_path, config_only_base):
     adapter = _adapter(exported, tmp_path, tensors=lambda t: {
-        k.replace("base_model.model.model.", "base_model.model.model.model."): v for k, v in t.items()})
+        k.replace(f"{PREFIX}model.", f"{PREFIX}model.model."): v for k, v in t.items()})
     code, findings = _findings(adapter, config_only_base)
     assert code == 1
     assert [f["code"] for f in findings if f["level"] == "error"] == ["keys.inert"]  # once, not once per tensor
@@ -222,7 +223,7 @@ def test_check_adapter_finds_tensors_the_config_has_no_place_for(exported, tmp_p
     def add(tensors):
         biases = {k.replace("lora_B.weight", "lora_B.bias"): torch.ones(v.shape[0]) for k, v in tensors.items()
                   if "lora_B" in k}
-        return {**tensors, **biases, "base_model.model.model.norm.weight": torch.ones(32)}
+        return {**tensors, **biases, f"{PREFIX}model.norm.weight": torch.ones(32)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # findings are not warnings: no filter hides them
         report = check(_adapter(exported, tmp_path, tensors=add), str(config_only_base))
@@ -235,8 +236,8 @@ def test_check_adapter_finds_tensors_the_config_has_no_place_for(exported, tmp_p
 
 def test_check_adapter_names_every_resized_tensor(exported, tmp_path, config_only_base):
     adapter = _adapter(exported, tmp_path, tensors=lambda t: {
-        **t, "base_model.model.lm_head.weight": torch.zeros(104, 32),
-        "base_model.model.model.embed_tokens.weight": torch.zeros(104, 32)},
+        **t, f"{PREFIX}lm_head.weight": torch.zeros(104, 32),
+        f"{PREFIX}model.embed_tokens.weight": torch.zeros(104, 32)},
         config=lambda c: {**c, "modules_to_save": ["lm_head", "embed_tokens"]})
     code, findings = _findings(adapter, config_only_base)
     assert code == 1

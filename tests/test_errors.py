@@ -3,6 +3,7 @@
 Spec: LORA-ERR-001..009."""
 
 import json
+import re
 import shutil
 import struct
 
@@ -16,6 +17,7 @@ import reference_impl as ref
 from conformance import golden
 from conformance.check_adapter import check
 from reference_impl import LoraConfig
+from reference_impl.peft_format import PREFIX
 
 CASE = "v1/cases/r4-c_attn/adapter"
 BAD_CONFIGS = {
@@ -106,11 +108,11 @@ def test_key_and_shape_errors_restore_the_model(adapter, tiny_gpt2, damage):
     path = adapter / "adapter_model.safetensors"
     tensors = load_file(path)
     if damage == "absent module":
-        tensors["base_model.model.transformer.h.9.attn.c_attn.lora_A.weight"] = torch.zeros(4, 32)
-        message = r"tensor base_model.model.transformer.h.9.attn.c_attn.lora_A.weight is for module " \
+        tensors[f"{PREFIX}transformer.h.9.attn.c_attn.lora_A.weight"] = torch.zeros(4, 32)
+        message = rf"tensor {re.escape(PREFIX)}transformer.h.9.attn.c_attn.lora_A.weight is for module " \
                   r"'transformer.h.9.attn.c_attn', which the base model does not have"
     else:
-        key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+        key = f"{PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"
         tensors[key] = torch.zeros(96, 5)
         message = r"Shape mismatch for .*h.0.attn.c_attn.lora_B.weight: the checkpoint has \(96, 5\), the model " \
                   r"expects \(96, 4\)"
@@ -127,7 +129,7 @@ def test_key_and_shape_errors_restore_the_model(adapter, tiny_gpt2, damage):
 def test_non_finite_tensors_are_refused(adapter, tiny_gpt2, value):
     path = adapter / "adapter_model.safetensors"
     tensors = load_file(path)
-    tensors["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"][0, 0] = value
+    tensors[f"{PREFIX}transformer.h.1.attn.c_attn.lora_A.weight"][0, 0] = value
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"tensor .*h.1.attn.c_attn.lora_A.weight holds NaN or Inf"):
         ref.PeftModel.from_pretrained(tiny_gpt2(), adapter)

@@ -12,6 +12,7 @@ from torch import nn
 
 import reference_impl as ref
 from reference_impl import save_load
+from reference_impl.peft_format import PREFIX
 
 peft = pytest.importorskip("peft")
 
@@ -206,7 +207,7 @@ def test_missing_keys_warn_and_unexpected_keys_pass(tiny_gpt2, tmp_path):
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     missing = sorted(tensors)[0]
     del tensors[missing]
-    tensors["base_model.model.transformer.h.0.attn.c_attn.lora_C.weight"] = torch.zeros(1)
+    tensors[f"{PREFIX}transformer.h.0.attn.c_attn.lora_C.weight"] = torch.zeros(1)
     from safetensors.torch import save_file
     save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.warns(UserWarning, match="Found missing adapter keys") as caught:
@@ -300,3 +301,21 @@ def test_task_models_match_peft_in_memory_on_disk_and_after_reload(model_name, c
             reloaded = lib.PeftModel.from_pretrained(models.build(model_name), tmp_path / reader).eval()
             torch.testing.assert_close(models.output_tensor(reloaded(**inputs)),
                                        models.output_tensor(writer(**inputs)))
+
+
+def test_get_peft_model_state_dict_maps_the_state_dict_it_is_given(tiny_gpt2):
+    """As in peft: given the model's own state dict (keep_vars=True: live tensors), its tensors come back under the
+    saved keys; the keys equal peft's for the same call."""
+    import peft
+
+    config = dict(r=4, target_modules=["c_attn"], use_dora=True)
+    mine = ref.get_peft_model(tiny_gpt2(), ref.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**config))
+    live = mine.state_dict(keep_vars=True)
+    mapped = ref.get_peft_model_state_dict(mine, state_dict=live)
+    assert set(mapped) == set(peft.get_peft_model_state_dict(theirs, state_dict=theirs.state_dict(keep_vars=True)))
+    names = {id(t): n for n, t in live.items()}
+    assert all(isinstance(t, nn.Parameter) and t is live[names[id(t)]] for t in mapped.values())
+    assert set(mapped) == set(ref.get_peft_model_state_dict(mine))
+    partial = {k: v for k, v in live.items() if "lora_B" not in k}
+    assert not any("lora_B" in k for k in ref.get_peft_model_state_dict(mine, state_dict=partial))

@@ -16,6 +16,7 @@ from torchtune.models.llama3._component_builders import lora_llama3  # noqa: E40
 
 from conformance.check_adapter import check  # noqa: E402
 from conformance.drivers.torchtune import peft_to_tune_adapter_weights  # noqa: E402
+from reference_impl.peft_format import PREFIX  # noqa: E402
 
 SHAPE = dict(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=64,
              intermediate_dim=64)
@@ -51,8 +52,8 @@ def _export(tmp_path, permute: bool = True):
     lora = {k: v for k, v in tune_model().state_dict().items() if "lora_" in k}
     weights = tune_to_peft_adapter_weights(lora, num_heads=4, num_kv_heads=2, dim=32)
     if not permute:  # the bug a rename-only converter has
-        weights = {"base_model.model." + peft_key: v for peft_key, v in
-                   zip([k.removeprefix("base_model.model.") for k in weights], lora.values())}
+        weights = {PREFIX + peft_key: v for peft_key, v in
+                   zip([k.removeprefix(PREFIX) for k in weights], lora.values())}
     config = tune_to_peft_adapter_config({"r": 4, "lora_alpha": 8, "target_modules": TARGETS + ["w1", "w2", "w3"]})
     save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "adapter_model.safetensors")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))

@@ -10,7 +10,6 @@ and dropout draws MLX's random numbers, not torch's. `save` writes mlx-lm's own 
 """
 
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import torch
 from mlx_lm.tuner.lora import LoRALinear
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from reference_impl import peft_format
 
 from .swap import PREFIX, SwapDriver
 
@@ -80,7 +81,7 @@ class MlxDriver(SwapDriver):
         r, alpha = config["r"], config["lora_alpha"]
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer (mlx-lm's scale is lora_alpha / r), got {r!r}")
-        scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+        scale = peft_format.scaling(alpha, r, config["use_rslora"])
         for path, module in list(model.named_modules()):
             if path and (path in targets or any(path.endswith("." + t) for t in targets)):
                 if type(module) is not nn.Linear:
@@ -210,7 +211,7 @@ def peft_to_mlx(directory: str, native: str) -> None:
     if config.get("bias", "none") != "none":
         raise ValueError(f"bias={config['bias']!r} has no mlx-lm equivalent")
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    scale = peft_format.scaling(alpha, r, config.get("use_rslora", False))
     tensors = load_file(Path(directory) / "adapter_model.safetensors")
     arrays = {}
     for key, tensor in tensors.items():

@@ -13,18 +13,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-PREFIX = "base_model.model."
-TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+from reference_impl import peft_format
+from reference_impl.peft_format import PREFIX, is_conv1d  # noqa: F401 (the drivers import them from here)
+
+TASK_TYPES = (None, *peft_format.TASK_TYPES)
 # Fields a swap driver always accepts, and fields it accepts only at peft's default value.
 ACCEPTED = {"r", "lora_alpha", "target_modules", "task_type", "peft_type", "inference_mode",
             "base_model_name_or_path", "revision", "fan_in_fan_out"}
 DEFAULTS = {"lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "lora_bias": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None}
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
 class SwapDriver:

@@ -12,7 +12,7 @@ from torch import nn
 from torchtune.modules.peft import LoRALinear, disable_adapter, get_adapter_params, get_merged_lora_ckpt
 from torchtune.modules.peft import set_trainable_params
 
-from .swap import SwapDriver
+from .swap import PREFIX, SwapDriver
 
 
 def peft_to_tune_adapter_weights(state_dict: dict, num_heads: int, num_kv_heads: int, dim: int) -> dict:
@@ -26,7 +26,7 @@ def peft_to_tune_adapter_weights(state_dict: dict, num_heads: int, num_kv_heads:
              for hf, tune in _FROM_HF.items() if tune for peft, ours in (("lora_A", "lora_a"), ("lora_B", "lora_b"))}
     out = {}
     for key, value in state_dict.items():
-        name = get_mapped_key(key.removeprefix("base_model.model."), names)
+        name = get_mapped_key(key.removeprefix(PREFIX), names)
         heads = num_heads if ".q_proj." in name else num_kv_heads if ".k_proj." in name else None
         if heads and ".lora_b." in name:
             rank = value.shape[-1]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conformance import golden, harness, models, scope
-from reference_impl.peft_model import TASK_HEADS
+from reference_impl.peft_format import TASK_HEADS, adapter_directory
 
 CASES = golden.cases()
 IDS = [case.id for case in CASES]
@@ -83,7 +83,7 @@ def test_disabled_outputs_are_peft_s(run, case):
 def test_saving_again_writes_peft_s_files(run, case, tmp_path):
     _in_scope(run, case)
     run.impl.save(_loaded(run, case), str(tmp_path), case.adapter_name)
-    written = tmp_path if case.adapter_name == "default" else tmp_path / case.adapter_name
+    written = adapter_directory(tmp_path, case.adapter_name)
     run.require((written / "adapter_model.safetensors").is_file(), "LORA-SER-004" if case.adapter_name != "default"
                 else "LORA-SER-001", f"no adapter_model.safetensors in {written}")
     run.all_close(load_file(written / "adapter_model.safetensors"), case.tensors(), f"case {case.id}: re-saved")

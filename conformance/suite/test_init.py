@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance import harness, models
+from reference_impl.peft_format import is_conv1d
 
 PREFIX = harness.PREFIX
 
@@ -20,7 +21,7 @@ def _expected_shapes(layer: torch.nn.Module, r: int) -> dict[str, tuple]:
         ones = (1,) * (layer.weight.dim() - 2)
         return {"lora_A.weight": (r, layer.in_channels, *layer.kernel_size),
                 "lora_B.weight": (layer.out_channels, r // layer.groups, *ones)}
-    in_features, out_features = (layer.weight.shape if type(layer).__name__ == "Conv1D"
+    in_features, out_features = (layer.weight.shape if is_conv1d(layer)
                                  else (layer.in_features, layer.out_features))
     return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
 

@@ -6,6 +6,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conformance import harness, models, scope
+from reference_impl.peft_format import is_conv1d
 
 LINEAR_KINDS = {"linear", "conv1d"}
 
@@ -15,7 +16,7 @@ def _delta(layer: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, s: float) -
     if isinstance(layer, torch.nn.Conv2d):
         return torch.einsum("or,ri...->oi...", B.flatten(1), A) * s
     delta = B @ A  # (out, in)
-    return delta.T * s if isinstance(layer, torch.nn.Embedding) or type(layer).__name__ == "Conv1D" else delta * s
+    return delta.T * s if isinstance(layer, torch.nn.Embedding) or is_conv1d(layer) else delta * s
 
 
 @pytest.mark.req("LORA-MERGE-001")
@@ -101,7 +102,7 @@ def test_dora_merge_formula(run, device, data):
     layer = mine.base_layer()
     A, B = run.factors(mine.values, mine.path)
     magnitude = run.tensor(mine.values, f"{harness.PREFIX}{mine.path}.lora_magnitude_vector", "LORA-KEYS-005")
-    conv1d = type(layer).__name__ == "Conv1D"
+    conv1d = is_conv1d(layer)
     adapted = (layer.weight.T if conv1d else layer.weight) + harness.scaling(case.config) * B @ A  # (out, in)
     expected = (magnitude / adapted.norm(dim=1))[:, None] * adapted
     run.impl.merge(mine.model)

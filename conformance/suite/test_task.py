@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conformance import harness, models, scope
 from conformance.run import NOT_APPLICABLE
 from conformance.transformers_zoo import labels_for
-from reference_impl.peft_model import TASK_HEADS  # the names peft appends (peft_model.py:1830, 2680, 2915)
+from reference_impl.peft_format import TASK_HEADS  # the names peft appends (peft_model.py:1830, 2680, 2915)
 
 
 def _draw_task_case(run, data, heads_only: bool):

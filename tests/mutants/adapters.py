@@ -150,7 +150,7 @@ class EmbeddingDropout(Mutant):
 def _dropped_embedding_output(layer, name, x, result):
     A, B = layer.factors(name)
     looked_up = layer.lora_dropout[name](layer.lookup(x, A.T))
-    return result + (looked_up @ B.T) * layer.scaling[name], x
+    return result + (looked_up @ B.T) * layer.scaling[name]
 
 
 class DropoutNotApplied(Mutant):
@@ -207,8 +207,7 @@ class DoraWithoutMagnitude(Mutant):
 
 
 def _plain_linear_output(layer, name, x, result):
-    x = x.to(layer.lora_A[name].weight.dtype)
-    return result + layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name], x
+    return result + layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
 
 
 class ConvLoraIgnoresStride(Mutant):

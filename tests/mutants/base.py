@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import reference_impl
 from conformance.drivers.peft_shaped import PeftShapedDriver
-from reference_impl import layers, save_load
+from reference_impl import layers, peft_format, save_load
 from reference_impl.modules_to_save import ModulesToSaveWrapper
 
 
@@ -55,7 +55,7 @@ def saved_modules(model) -> list[ModulesToSaveWrapper]:
 
 
 def adapter_dir(directory, adapter_name: str = "default") -> Path:
-    return save_load.adapter_directory(directory, adapter_name)
+    return peft_format.adapter_directory(directory, adapter_name)
 
 
 def edit_files(directory, config=None, tensors=None, adapter_name: str = "default", metadata=None) -> None:

@@ -190,7 +190,7 @@ def _transpose_b(tensors: dict) -> dict:
 
 
 class ReadsKeysWithoutPrefix(Mutant):
-    """Its files hold keys without 'base_model.model.'; its loader adds the prefix back, so peft's keys come out
+    """Its files hold keys without peft's PREFIX; its loader adds the prefix back, so peft's keys come out
     doubled and match nothing (missing keys, a warning, an adapter that does nothing)."""
 
     kills, test = ("LORA-LOAD-003",), "test_load::test_implementation_loads_peft_s_directory"

@@ -1,0 +1,76 @@
+"""What the fixture versions record: one CaseSpec per case (its config, base model and requirements), and the
+full-size GPT-2 parameter-count table."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """A golden case: one feature, its config and the requirements it serves. Which drivers it applies to follows
+    from its config (conformance/scope.py), so it is not recorded here (v1 manifests still carry a "needs" list;
+    nothing reads it)."""
+
+    name: str
+    config: dict
+    requirements: tuple[str, ...]
+    adapter_name: str = "default"
+    second: Optional[dict] = None
+    base: str = "gpt2-tiny"  # the zoo model the case adapts
+
+
+CASE_SPECS = [
+    CaseSpec("r4-c_attn", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}, ("LORA-FWD-001",)),
+    CaseSpec("r16-alpha4-c_attn", {"r": 16, "lora_alpha": 4, "target_modules": ["c_attn"]}, ("LORA-FWD-002",)),
+    CaseSpec("r8-c_attn+c_proj", {"r": 8, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj"]},
+             ("LORA-MATCH-002",)),
+    CaseSpec("r2-all-linear", {"r": 2, "lora_alpha": 4, "target_modules": "all-linear"}, ("LORA-MATCH-004",)),
+    CaseSpec("r8-c_attn-rslora", {"r": 8, "lora_alpha": 8, "target_modules": ["c_attn"], "use_rslora": True},
+             ("LORA-FWD-002",)),
+    CaseSpec("r4-c_attn+c_fc-dora", {"r": 4, "target_modules": ["c_attn", "c_fc"], "use_dora": True},
+             ("LORA-FWD-008", "LORA-KEYS-005")),
+    CaseSpec("r4-wpe-embedding", {"r": 4, "lora_alpha": 8, "target_modules": ["wpe"]},
+             ("LORA-FWD-003", "LORA-KEYS-002")),
+    CaseSpec("r4-c_attn-bias-lora_only", {"r": 4, "target_modules": ["c_attn"], "bias": "lora_only"},
+             ("LORA-KEYS-006",)),
+    CaseSpec("r4-c_attn-lora_bias", {"r": 4, "target_modules": ["c_attn"], "lora_bias": True},
+             ("LORA-KEYS-006", "LORA-MERGE-007")),
+    CaseSpec("r4-c_attn-modules_to_save-ln_f", {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["ln_f"]},
+             ("LORA-MTS-002",)),
+    CaseSpec("r8-patterns", {"r": 8, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"],
+                             "rank_pattern": {"c_attn": 2}, "alpha_pattern": {r"mlp\.c_proj": 32}},
+             ("LORA-MATCH-009",)),
+    CaseSpec("r4-layers_to_transform-1", {"r": 4, "target_modules": ["c_attn", "c_proj"],
+                                          "layers_to_transform": [1], "layers_pattern": "h"},
+             ("LORA-MATCH-005",)),
+    CaseSpec("r4-c_proj-adapter-named-custom", {"r": 4, "target_modules": ["c_proj"]},
+             ("LORA-SER-004", "LORA-KEYS-001"), adapter_name="custom"),
+    CaseSpec("two-adapters", {"r": 4, "target_modules": ["c_attn"]}, ("LORA-MULTI-002",),
+             second={"r": 2, "lora_alpha": 16, "target_modules": ["c_fc"]}),
+    # v2: the models LoRA is used on.
+    CaseSpec("llama-r8-q_proj+v_proj", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                                        "task_type": "CAUSAL_LM"}, ("LORA-FWD-001", "LORA-KEYS-003"), base="llama"),
+    CaseSpec("llama-r4-all-linear", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+             ("LORA-MATCH-004",), base="llama"),
+    CaseSpec("llama-r4-attention-dora", {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                         "use_dora": True}, ("LORA-FWD-008", "LORA-KEYS-005"), base="llama"),
+    CaseSpec("llama-r8-rslora", {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                 "use_rslora": True}, ("LORA-FWD-002",), base="llama"),
+    CaseSpec("llama-patterns", {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"],
+                                "rank_pattern": {"down_proj": 2},
+                                "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 32}},
+             ("LORA-MATCH-009",), base="llama"),
+    CaseSpec("llama-lm_head+embed_tokens", {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "lm_head"]},
+             ("LORA-FWD-003", "LORA-KEYS-010"), base="llama"),
+    CaseSpec("bert-seq_cls", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+             ("LORA-TASK-001",), base="bert-classifier"),
+    CaseSpec("t5-seq2seq", {"r": 4, "lora_alpha": 8, "target_modules": ["q", "v"], "task_type": "SEQ_2_SEQ_LM"},
+             ("LORA-TASK-002",), base="t5"),
+    CaseSpec("llava-language-model", {"r": 4, "lora_alpha": 8,
+                                      "target_modules": r".*language_model.*\.(q_proj|v_proj)"},
+             ("LORA-KEYS-001",), base="llava"),
+]
+
+# Full-size GPT-2 on the meta device: (target_modules, r) -> (trainable, total), recorded from peft.
+COUNT_CONFIGS = [(["c_attn"], 4), (["c_attn"], 8), (["c_attn"], 64), (["c_attn", "c_proj"], 4),
+                 (["c_attn", "c_proj"], 8), (["c_attn", "c_proj"], 64), ("all-linear", 8), (["c_fc"], 16)]
