@@ -9,6 +9,7 @@ the base (or of peft), and the ratios of those adjacent pairs are reported (medi
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import os
@@ -24,18 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-warnings.simplefilter("ignore")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import peft
+from transformers import GPT2Config, GPT2LMHeadModel
 
-import peft  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-import reference_impl as ref  # noqa: E402
-from conformance import harness, models  # noqa: E402
-from conformance.drivers.peft import PeftDriver  # noqa: E402
-from conformance.drivers.reference import ReferenceDriver  # noqa: E402
-from conformance.strategies import Case  # noqa: E402
-from reference_impl.peft_format import PREFIX  # noqa: E402
+import reference_impl as ref
+from conformance import harness, models
+from conformance.drivers.peft import PeftDriver
+from conformance.drivers.reference import ReferenceDriver
+from conformance.strategies import Case
+from reference_impl.peft_format import PREFIX
 
 TARGETS = ["c_attn", "c_proj"]
 SUITE_CONFIG = {"target_modules": TARGETS, "r": 4}  # the adapter of every suite-throughput example
@@ -250,9 +248,24 @@ def suite_section(with_ci_run: bool) -> None:
     print(section)
     mine, theirs = ReferenceDriver(), PeftDriver()
     setups = {"tiny GPT-2 (gpt2-tiny)": "gpt2-tiny", "one-layer full-width GPT-2": "gpt2-one-layer"}
-    models.ZOO["gpt2-one-layer"] = models.ZooModel(
-        "gpt2-one-layer", lambda: GPT2LMHeadModel(GPT2Config(n_layer=1)), models.ZOO["gpt2-tiny"].make_inputs,
-        models.ZOO["gpt2-tiny"].targets)
+    with _zoo_model("gpt2-one-layer", lambda: GPT2LMHeadModel(GPT2Config(n_layer=1))):
+        _time_suite_examples(section, mine, theirs, setups)
+    if with_ci_run:
+        _time_ci_run(section)
+
+
+@contextlib.contextmanager
+def _zoo_model(name: str, make):
+    """A zoo model that exists for the duration of the block (the tiny GPT-2's inputs and targets)."""
+    tiny = models.ZOO["gpt2-tiny"]
+    models.ZOO[name] = models.ZooModel(name, make, tiny.make_inputs, tiny.targets)
+    try:
+        yield
+    finally:
+        del models.ZOO[name]
+
+
+def _time_suite_examples(section: str, mine, theirs, setups: dict) -> None:
     for label, zoo_name in setups.items():
         models.build(zoo_name)  # built once, copied per example, as the suite does
         count, start = 0, time.perf_counter()
@@ -263,12 +276,13 @@ def suite_section(with_ci_run: bool) -> None:
             count += 1
         report(section, label, f"{count / (time.perf_counter() - start):.1f} examples/s")
         _example_parts(section, label, zoo_name, mine, theirs)
-    if with_ci_run:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "--peft-impl=reference",
-                        "--peft-profile=ci", "-q", "-p", "no:cacheprovider"], capture_output=True)
-        report(section, "wall time of the suite, profile ci, reference vs peft",
-               f"{time.perf_counter() - start:.0f} s")
+
+
+def _time_ci_run(section: str) -> None:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "--peft-impl=reference",
+                    "--peft-profile=ci", "-q", "-p", "no:cacheprovider"], capture_output=True)
+    report(section, "wall time of the suite, profile ci, reference vs peft", f"{time.perf_counter() - start:.0f} s")
 
 
 def _example_parts(section: str, label: str, zoo_name: str, mine, theirs) -> None:
@@ -305,6 +319,8 @@ def main() -> None:
     parser.add_argument("--suite", action="store_true", help="also time a whole ci-profile run of the suite")
     parser.add_argument("--markdown", help="write the results to this Markdown file")
     args = parser.parse_args()
+    warnings.simplefilter("ignore")  # the libraries' deprecation chatter would bury the figures
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     reps = 5 if args.quick else 15
     import_section()
     memory_section()

@@ -1,7 +1,7 @@
 """The driver for torchtune (0.6.1): its LoRALinear swapped in for any nn.Linear (the "generic" mode).
 
 torchtune has LoRALinear, disable_adapter, set_trainable_params and get_merged_lora_ckpt, but no injection by
-name and a PEFT writer only for its Llama family (tests/test_torchtune_llama.py drives that one); the generic
+name and a PEFT writer only for its Llama family (tests/meta/test_torchtune_llama.py drives that one); the generic
 keys map one to one: `<path>.lora_a.weight` is peft's `<path>.lora_A.weight` (third_party_libs.md §5.2).
 Pins: torchao==0.17.0 (0.18 removed torchao.dtypes.nf4tensor, which torchtune 0.6.1 imports).
 """

@@ -2,7 +2,7 @@
 the way real implementations get it wrong, and the suite must fail it under the requirements in its `kills`.
 
 `python -m tests.mutants.table` runs the whole suite against each of them and writes the requirement x broken-driver
-table (docs/mutants.md, `tox -e mutants`); tests/test_mutants.py runs a fast subset on every CI run.
+table (docs/mutants.md, `tox -e mutants`); tests/meta/test_mutants.py runs a fast subset on every CI run.
 A requirement whose broken driver survives is a hole in the suite: fix the suite, never the broken driver.
 """
 

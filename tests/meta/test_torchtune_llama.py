@@ -76,7 +76,7 @@ def test_export_without_the_rope_permutation_is_caught(tmp_path):
 
 def test_check_adapter_accepts_the_export(tmp_path):
     _export(tmp_path)
-    report = check(tmp_path, base="tests.test_torchtune_llama:hf_base")
+    report = check(tmp_path, base="tests.meta.test_torchtune_llama:hf_base")
     assert report.ok, [f for f in report if f.level == "error"]
     assert any(f.code == "numbers.peft" and "at most 0" in f.message for f in report)
 

@@ -92,7 +92,7 @@ def test_applicability_comes_from_the_registry_alone():
 
 def test_every_must_requirement_has_a_test():
     suite_ids = _ids_tested((ROOT / "conformance" / "suite").glob("test_*.py"))
-    project_ids = _ids_tested((ROOT / "tests").glob("test_*.py"))
+    project_ids = _ids_tested((ROOT / "tests").rglob("test_*.py"))
     untested = [req.id for req in spec.requirements().values() if req.level == "MUST" and not req.deprecated
                 and req.id not in (suite_ids if req.scope == "driver" else project_ids)]
     assert not untested, f"MUST requirements without a test in their scope: {untested}"
