@@ -189,9 +189,26 @@ def lifecycle_section(reps: int) -> None:
         else:
             report(section, what, f"reference {mine * 1e3:.1f} ms  peft {theirs * 1e3:.1f} ms  "
                                   f"ratio {mine / theirs:.2f}")
+    wrapped = lambda: ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(r=8, target_modules=TARGETS))  # noqa
+    with _without_addmm():
+        unfused = median_time(lambda m: m.merge_and_unload(), reps, wrapped)
+    report(section, "merge_and_unload, reference without its addmm_ path (merging.add_delta)",
+           f"{unfused * 1e3:.1f} ms  {unfused / times['reference']['merge_and_unload']:.1f}x the time with it")
     floors = _floors(base, reps)
     for what, seconds in floors.items():
         report(section, f"floor: {what}", f"{seconds * 1e3:.1f} ms")
+
+
+@contextlib.contextmanager
+def _without_addmm():
+    """reference_impl merging as if no layer offered addmm_ operands: delta_weight, then an add."""
+    from unittest import mock
+
+    from reference_impl import layers
+
+    with mock.patch.object(layers.Linear, "fold_operands", lambda self, A, B: None), \
+            mock.patch.object(layers.Embedding, "fold_operands", lambda self, A, B: None):
+        yield
 
 
 def _floors(base: nn.Module, reps: int) -> dict:

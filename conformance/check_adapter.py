@@ -205,18 +205,6 @@ def _check_weights(directory: Path, report: Report, allow_pickle: bool) -> Optio
     return tensors
 
 
-def _expected_shapes(module, r: int) -> dict[str, tuple]:
-    layer = make_lora_layer(module)
-    if layer is None:
-        return {}
-    magnitude = {"lora_magnitude_vector": (layer.out_features,)}  # DoRA: one magnitude per output feature
-    if hasattr(layer, "lora_embedding_A"):
-        return {"lora_embedding_A": (r, layer.in_features), "lora_embedding_B": (layer.out_features, r), **magnitude}
-    A, B = layer.make_factors(r, lora_bias=True)
-    return {"lora_A.weight": tuple(A.weight.shape), "lora_B.weight": tuple(B.weight.shape),
-            "lora_B.bias": tuple(B.bias.shape), **magnitude}
-
-
 def _check_keys(tensors: dict, config: LoraConfig, model: torch.nn.Module, label: str, report: Report) -> None:
     named = sorted(k for k in tensors if keeps_adapter_name(k))
     if named:
@@ -264,7 +252,8 @@ def _check_lora_key(key, path, name, tensor, config, resolved, modules, report) 
         report.add("error", "keys.no-module", f"{key}: the base model has no module {path!r}")
         return
     r = pattern_value(path, config.rank_pattern, config.r)
-    expected = _expected_shapes(modules[path], r).get(name)
+    layer = make_lora_layer(modules[path])
+    expected = layer.factor_shapes(r).get(name) if layer is not None else None
     found = tuple(tensor.shape)
     if expected is None:
         report.add("error", "keys.unsupported", f"{key}: {type(modules[path]).__name__} takes no {name}")

@@ -12,7 +12,7 @@ app = typer.Typer(help="Check LoRA implementations against Hugging Face peft.", 
 
 @app.callback()
 def _commands() -> None:
-    """Subcommands: spec, run, check-adapter, fixtures, corpus, golden-check, compare."""
+    """Subcommands: spec, run, check-adapter, fixtures, corpus, golden-check, record, verify, compare."""
 
 
 @app.command()
@@ -116,6 +116,66 @@ def corpus_run(consumer: str = typer.Argument(..., help="reference, transformers
     for name, state in done.items():
         typer.echo(f"{state:5} {name}")
     typer.echo(f"wrote {results}; now: peft-conformance golden-check {results} --corpus {corpus_dir}")
+
+
+@app.command()
+def record(directory: str = typer.Argument(..., help="a new (or empty) folder for the golden cases"),
+           base: str = typer.Option(..., help="a zoo model, module:factory, or a model directory (weights are "
+                                             "referenced by path and sha256; config.json alone: built with --seed)"),
+           adapter: list[str] = typer.Option(..., help="an adapter directory (repeatable)"),
+           inputs: str = typer.Option(None, help="a safetensors file: the forward's keyword arguments (default: "
+                                                 "2 x 8 token ids drawn with --seed)"),
+           seed: int = typer.Option(0, help="seed of the drawn token ids and of a base built from config.json")
+           ) -> None:
+    """Record what your adapters compute today (with the installed peft), to verify after every upgrade."""
+    from pathlib import Path
+
+    from . import gate
+
+    try:
+        manifest = gate.record(Path(directory), base, [Path(a) for a in adapter], Path(inputs) if inputs else None,
+                               seed)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    producer = manifest["producer"]
+    typer.echo(f"recorded {len(manifest['cases'])} case(s) in {directory} with peft {producer['peft']}, torch "
+               f"{producer['torch']}, transformers {producer['transformers']}; check with: "
+               f"peft-conformance verify {directory}")
+
+
+@app.command()
+def verify(directory: str = typer.Argument(..., help="a folder `peft-conformance record` wrote"),
+           impl: str = typer.Option("peft", help="the implementation that reloads the adapters: a driver name or "
+                                                 "module:attr"),
+           report_path: str = typer.Option(None, "--report", help="write the JSON report here (and .md beside)")
+           ) -> None:
+    """Reload every recorded adapter, recompute, re-save: exit 1 if anything moved beyond its tolerance."""
+    from pathlib import Path
+
+    from . import gate, report, terminal
+
+    try:
+        found = gate.verify(Path(directory), impl)
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for line in found.moved:
+        typer.echo(f"moved: {line}")
+    for outcome in found.results.outcomes:
+        for failure in outcome.failures:
+            if failure["req"] == outcome.reqs[0]:
+                first = failure["message"].splitlines()[0].removeprefix(f"{failure['req']} failed: ")
+                typer.echo(f"FAIL {failure['req']} {outcome.nodeid.rsplit('::', 1)[0]}: {first}")
+    title = f"{found.implementation['name']} {found.implementation['version']} on {directory}"
+    typer.echo(terminal.render(found.results, title, width=150))
+    if report_path:
+        import transformers
+
+        report.write(report.to_json(found.results, found.implementation,
+                                    {"transformers": transformers.__version__}), report_path)
+        typer.echo(f"wrote {report_path}")
+    raise typer.Exit(1 if found.results.summary()["fail"] else 0)
 
 
 @app.command()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from reference_impl.peft_format import PREFIX
+
 
 MLX_ADVICE = ("convert it: lora_A = lora_a.T, lora_B = lora_b.T, lora_alpha = scale * rank "
               "(conformance/drivers/mlx.py: mlx_to_peft)")
@@ -61,8 +63,8 @@ def _from_keys(keys: list[str], metadata: dict, file: str) -> Optional[Foreign]:
                        "peft has LoHa and LoKr of its own, with other key names; convert the tensors by name")
     if "lora_adapter_metadata" in metadata or any(k.startswith(("unet.", "transformer.", "text_encoder."))
                                                   and ".lora" in k for k in keys):
-        return Foreign("diffusers", f"{file} is keyed {sample!r} without 'base_model.model.'",
-                       "diffusers' load_lora_weights reads it; for peft, prefix the keys with 'base_model.model.' and "
+        return Foreign("diffusers", f"{file} is keyed {sample!r} without '{PREFIX}'",
+                       f"diffusers' load_lora_weights reads it; for peft, prefix the keys with '{PREFIX}' and "
                        "write lora_alpha (diffusers assumes lora_alpha = r when its metadata is missing)")
     if any(k.endswith((".lora_a", ".lora_b")) for k in keys):
         return Foreign("mlx-lm", f"{file} holds lora_a / lora_b factors such as {sample!r}, stored transposed "
@@ -90,7 +92,7 @@ def identify(path) -> Optional[Foreign]:
         return Foreign("AdapterHub (adapters)", "pytorch_adapter.bin and an adapter_config.json with 'config' and "
                                                 "'model_class', no peft_type",
                        "AdapterHub keys are '<path>.loras.<name>.lora_A': drop '.loras.<name>', add "
-                       "'base_model.model.' and '.weight', and write a peft adapter_config.json")
+                       f"'{PREFIX}' and '.weight', and write a peft adapter_config.json")
     if not (path / "adapter_model.safetensors").is_file():
         for pickle_name in ("adapter_model.pt", "adapter_0.pt"):
             if (path / pickle_name).is_file():

@@ -1,7 +1,9 @@
 """A small, readable LoRA that computes and saves exactly what Hugging Face peft 0.21 does.
 
-Read in this order: config.py, targeting.py, layers.py (the forward pass), dora.py, model.py (injection),
-peft_model.py (the wrapper), save_load.py (the file format). Requirement IDs (LORA-...) refer to SPEC.md.
+Read in this order: layers.py (the formula and the layer contract), config.py (each field, peft's defaults),
+targeting.py (which modules get an adapter), merging.py, dora.py, model.py (injection), peft_model.py (the
+wrapper), save_load.py (what is saved, and loading). peft_format.py holds the format facts every reader and writer
+shares; config_checks.py the checks every config value passes once. Requirement IDs (LORA-...) refer to SPEC.md.
 """
 
 from . import peft_format

@@ -73,6 +73,11 @@ class LoraLayer(Merging, nn.Module):
         """The adapter's parameters under their saved key suffixes (lora_A.weight, ...). Spec: LORA-KEYS-001..006."""
         raise NotImplementedError
 
+    def factor_shapes(self, r: int) -> dict[str, tuple]:
+        """Every saved key suffix an adapter of rank r may have here (lora_B.bias and DoRA's magnitude included),
+        with its shape: what a file must hold to fit this layer. Spec: LORA-INIT-001."""
+        raise NotImplementedError
+
     def delta_from_factors(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """B A, out first: (out, in, ...)."""
         raise NotImplementedError
@@ -180,6 +185,11 @@ class Linear(LoraLayer):
     def make_factors(self, r: int, lora_bias: bool, initialize: bool = True) -> tuple[nn.Module, nn.Module]:
         return (construct(nn.Linear, self.in_features, r, bias=False, initialize=initialize),
                 construct(nn.Linear, r, self.out_features, bias=lora_bias, initialize=initialize))
+
+    def factor_shapes(self, r: int) -> dict[str, tuple]:
+        A, B = self.make_factors(r, lora_bias=True, initialize=False)  # draws nothing from the RNG
+        return {"lora_A.weight": tuple(A.weight.shape), "lora_B.weight": tuple(B.weight.shape),
+                "lora_B.bias": tuple(B.bias.shape), "lora_magnitude_vector": (self.out_features,)}
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig, upcast_half: bool,
                     initialize: bool = True) -> None:
@@ -292,6 +302,10 @@ class Embedding(LoraLayer):
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def factor_shapes(self, r: int) -> dict[str, tuple]:
+        return {"lora_embedding_A": (r, self.in_features), "lora_embedding_B": (self.out_features, r),
+                "lora_magnitude_vector": (self.out_features,)}
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """Saved without ".weight": lora_embedding_A, lora_embedding_B. Spec: LORA-KEYS-002."""

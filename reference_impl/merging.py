@@ -62,8 +62,8 @@ class Merging:
 
     def add_delta(self, name: str, weight: torch.Tensor, sign: int, round_delta: bool) -> torch.Tensor:
         """weight += sign * delta_weight(name), in place. Where the layout and dtypes allow, the same sum in one
-        addmm_ (no temporary of the weight's size): 6.2x faster on full GPT-2 (merge_and_unload, r=8 on c_attn and
-        c_proj: 20 ms against 125 ms, docs/benchmarks.md), and in fp32 within the `merge` tolerance of peft's
+        addmm_ (no temporary of the weight's size): 5.6x faster on full GPT-2 (merge_and_unload, r=8 on c_attn and
+        c_proj: 21 ms against 119 ms, docs/benchmarks.md), and in fp32 within the `merge` tolerance of peft's
         add (LORA-MERGE-001)."""
         A, B = self.factors(name)
         operands = self.fold_operands(A, B)

@@ -4,9 +4,12 @@ adapter applied at scale 1 ("unmerged") and scale 0 ("disabled").
 
 Set PEFT_CONFORMANCE_LLAMA_CPP_SOURCE to llama-cpp-python's source distribution (the .tar.gz, or the folder it
 unpacks to): the converters and their gguf package are taken from the llama.cpp it vendors, the same version the
-installed llama-cpp-python was built from. The KV cache is float32 (llama.cpp's default f16 cache alone moves tiny
-logits by ~1e-4). Each evaluation runs in a subprocess, so that a crash in C fails its case and not the run.
-A converter that refuses an adapter (DoRA, modules_to_save) makes the case "not applicable", with its message.
+installed llama-cpp-python was built from. With PEFT_CONFORMANCE_LLAMA_EXPORT_LORA naming llama.cpp's
+`llama-export-lora` (built from the same tree; `tox -e consumer-llama-cpp` builds it), "merged" is computed too: the
+adapter merged into the base GGUF by llama.cpp, then evaluated without it. The KV cache is float32 (llama.cpp's
+default f16 cache alone moves tiny logits by ~1e-4). Each evaluation runs in a subprocess, so that a crash in C
+fails its case and not the run. A converter that refuses an adapter (DoRA, modules_to_save) makes the case "not
+applicable", with its message.
 """
 
 import os
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from . import NotApplicable
 
 SOURCE_ENV = "PEFT_CONFORMANCE_LLAMA_CPP_SOURCE"
+EXPORT_LORA_ENV = "PEFT_CONFORMANCE_LLAMA_EXPORT_LORA"
 TIMEOUT_S = 600
 _WORK = Path(tempfile.mkdtemp(prefix="peft-conformance-llama-cpp-"))
 
@@ -30,9 +34,11 @@ _WORK = Path(tempfile.mkdtemp(prefix="peft-conformance-llama-cpp-"))
 def identity() -> dict:
     import llama_cpp
 
-    return {"name": "llama.cpp", "version": f"llama-cpp-python {llama_cpp.__version__}",
-            "not_applicable": {"merged": "llama.cpp merges an adapter only with its llama-export-lora tool, which "
-                                         "llama-cpp-python does not build"}}
+    identity = {"name": "llama.cpp", "version": f"llama-cpp-python {llama_cpp.__version__}"}
+    if not os.environ.get(EXPORT_LORA_ENV):
+        identity["not_applicable"] = {"merged": "llama.cpp merges an adapter only with its llama-export-lora tool, "
+                                                "which llama-cpp-python does not build (set " + EXPORT_LORA_ENV + ")"}
+    return identity
 
 
 @cache
@@ -79,10 +85,18 @@ def compute(case) -> dict:
     adapter = _convert("convert_lora_to_gguf.py", ["--base", case.base_dir, case.adapter_dir],
                        _WORK / f"{case.name}.gguf")
     save_file(case.inputs(), _WORK / f"{case.name}.inputs.safetensors")
+    runs = {"unmerged": (base, adapter, 1.0), "disabled": (base, adapter, 0.0)}
+    if os.environ.get(EXPORT_LORA_ENV):
+        merged = _WORK / f"{case.name}.merged.gguf"
+        done = subprocess.run([os.environ[EXPORT_LORA_ENV], "-m", str(base), "--lora", str(adapter), "-o", str(merged)],
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama-export-lora exited with {done.returncode}: {done.stderr[-2000:]}")
+        runs["merged"] = (merged, "", 0.0)
     out = {}
-    for name, scale in (("unmerged", 1.0), ("disabled", 0.0)):
+    for name, (model, lora, scale) in runs.items():
         result = _WORK / f"{case.name}.{name}.safetensors"
-        done = subprocess.run([sys.executable, "-m", __name__, str(base), str(adapter), str(scale),
+        done = subprocess.run([sys.executable, "-m", __name__, str(model), str(lora), str(scale),
                                str(_WORK / f"{case.name}.inputs.safetensors"), str(result)],
                               capture_output=True, text=True, timeout=TIMEOUT_S)
         if done.returncode != 0:
@@ -96,7 +110,7 @@ def _evaluate(base: str, adapter: str, scale: float, inputs: str, output: str) -
     import numpy
     from llama_cpp import GGML_TYPE_F32, Llama
 
-    model = Llama(model_path=base, lora_path=adapter, lora_scale=scale, logits_all=True, n_ctx=64, n_batch=64,
+    model = Llama(model_path=base, lora_path=adapter or None, lora_scale=scale, logits_all=True, n_ctx=64, n_batch=64,
                   n_threads=2, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, verbose=False)
     rows = []
     for tokens in load_file(inputs)["input_ids"].tolist():
