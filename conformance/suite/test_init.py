@@ -44,7 +44,9 @@ def test_fresh_adapter_is_a_no_op(run, device, dtype, data):
     inits = [True, "gaussian"] if "init_variants" in run.impl.capabilities else [True]
     init = data.draw(st.sampled_from(inits), label="init")
     mine = run.wrap(run.draw(data, extras=False, config={"init_lora_weights": init}))
-    run.equal(mine.output(), mine.output(mine.base()), "output of a fresh adapter vs the base")
+    with torch.no_grad():  # one grad mode for both: with trainable adapters torch's attention may take another
+        adapted, base = mine.output(), mine.output(mine.base())  # kernel (T5: 9.5e-7 apart, peft's adapters too)
+    run.equal(adapted, base, "output of a fresh adapter vs the base")
 
 
 @pytest.mark.req("LORA-INIT-003")
