@@ -87,17 +87,10 @@ def _directory_base(folder: Path) -> Base:
     (shapes only: every key and shape is still checked, the adapter's effect is not computed)."""
     import transformers
 
-    path = folder / "config.json"
     try:
-        config = json.loads(path.read_text())
-        architecture = config["architectures"][0]
-        model_class = getattr(transformers, architecture)
-    except FileNotFoundError:
-        raise ValueError(f"--base {folder}: no config.json in the directory") from None
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-        raise ValueError(f"--base {folder}: {path} must be a transformers config whose 'architectures' names a "
-                         f"transformers model class ({type(error).__name__}: {error})") from None
-    transformers.utils.logging.disable_progress_bar()
+        model_class = models.class_of_directory(folder)
+    except ValueError as error:
+        raise ValueError(f"--base {error}") from None
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
         make = lambda: model_class.from_pretrained(folder).eval()  # noqa: E731
         return Base(str(folder), make, _token_inputs(make()))

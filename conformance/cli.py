@@ -162,11 +162,7 @@ def verify(directory: str = typer.Argument(..., help="a folder `peft-conformance
         raise typer.Exit(2) from None
     for line in found.moved:
         typer.echo(f"moved: {line}")
-    for outcome in found.results.outcomes:
-        for failure in outcome.failures:
-            if failure["req"] == outcome.reqs[0]:
-                first = failure["message"].splitlines()[0].removeprefix(f"{failure['req']} failed: ")
-                typer.echo(f"FAIL {failure['req']} {outcome.nodeid.rsplit('::', 1)[0]}: {first}")
+    _echo_case_failures(found.results)
     title = f"{found.implementation['name']} {found.implementation['version']} on {directory}"
     typer.echo(terminal.render(found.results, title, width=150))
     if report_path:
@@ -249,6 +245,18 @@ def run(impl: str = typer.Option(..., help="a registered driver name or module:a
     raise typer.Exit(int(pytest.main(args)))
 
 
+def _echo_case_failures(results) -> None:
+    """One line per failed (case, output): its requirement, the case and the first line of the numbers."""
+    for outcome in results.outcomes:
+        for failure in outcome.failures:
+            if failure["req"] == outcome.reqs[0]:
+                state = "XFAIL" if failure.get("expected") else "FAIL"
+                first = failure["message"].splitlines()[0].removeprefix(f"{failure['req']} failed: ")
+                typer.echo(f"{state} {failure['req']} {outcome.nodeid.rsplit('::', 1)[0]}: {first}")
+        for req, message in outcome.unexpected.items():
+            typer.echo(f"FAIL {req} {outcome.nodeid}: {message}")
+
+
 @app.command("golden-check")
 def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits.safetensors per corpus case "
                                                           "(or <version>/<case>/ per fixture case)"),
@@ -272,14 +280,7 @@ def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     results_found = consumer_check.check(goldens, Path(results), known)
-    for outcome in results_found.outcomes:
-        for failure in outcome.failures:
-            if failure["req"] == outcome.reqs[0]:
-                state = "XFAIL" if failure.get("expected") else "FAIL"
-                first = failure["message"].splitlines()[0].removeprefix(f"{failure['req']} failed: ")
-                typer.echo(f"{state} {failure['req']} {outcome.nodeid.rsplit('::', 1)[0]}: {first}")
-        for req, message in outcome.unexpected.items():
-            typer.echo(f"FAIL {req} {outcome.nodeid}: {message}")
+    _echo_case_failures(results_found)
     consumer = consumer_check.consumer_identity(Path(results))
     typer.echo(terminal.render(results_found, f"{consumer['name']} {consumer['version']}".strip(), width=150))
     unused = known.unused(results_found.outcomes) if known else []

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from reference_impl.peft_format import CONFIG_NAME, DEFAULT_ADAPTER
+from reference_impl.peft_format import CONFIG_NAME
 
 from . import api, consumer_check, golden, models, report
 
@@ -52,10 +52,8 @@ class Base:
             return _factory(self.source)().eval()
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()
         folder = Path(self.source)
-        architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
-        model_class = getattr(transformers, architecture)
+        model_class = models.class_of_directory(folder)
         if self.kind == "directory":
             return model_class.from_pretrained(folder).eval()
         torch.manual_seed(self.seed)
@@ -104,11 +102,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _adapter_name(directory: Path) -> str:
+def _check_adapter_directory(directory: Path) -> None:
     if not (directory / CONFIG_NAME).is_file():
         raise ValueError(f"--adapter {directory}: no {CONFIG_NAME} (give the folder save_pretrained wrote; a named "
                          "adapter is in its subfolder)")
-    return DEFAULT_ADAPTER
 
 
 def _inputs(model: torch.nn.Module, inputs: Optional[Path], seed: int) -> dict:
@@ -162,7 +159,7 @@ def record(target: Path, base_spec: str, adapters: list[Path], inputs: Optional[
         save_file({k: v.contiguous() for k, v in given.items()}, staged / INPUTS, metadata={"format": "pt"})
         cases = []
         for name, adapter in zip(names, map(Path, adapters)):
-            _adapter_name(adapter)
+            _check_adapter_directory(adapter)
             folder = staged / "cases" / name
             shutil.copytree(adapter, folder / "adapter")
             save_file(_outputs(peft_driver, base.build(), folder / "adapter", given), folder / "expected.safetensors",

@@ -250,3 +250,21 @@ def inputs(name: str, seed: int, device: str = "cpu", dtype: torch.dtype = torch
 def run(name: str, model: nn.Module, model_inputs: dict) -> torch.Tensor:
     """The forward pass through the model's own __call__, reduced to its output tensor."""
     return ZOO[name].output(model(**model_inputs))
+
+
+def class_of_directory(folder) -> type:
+    """The transformers model class a model directory's config.json names (its first 'architectures' entry)."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    path = Path(folder) / "config.json"
+    try:
+        return getattr(transformers, json.loads(path.read_text())["architectures"][0])
+    except FileNotFoundError:
+        raise ValueError(f"{folder}: no config.json in the directory") from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} must be a transformers config whose 'architectures' names a transformers model "
+                         f"class ({type(error).__name__}: {error})") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .. import corpus
+from .. import corpus, models
 
 CONSUMERS = {"reference": "conformance.consumers.reference",
              "transformers": "conformance.consumers.transformers_loader",
@@ -66,8 +66,4 @@ def run(name: str, corpus_dir: Path, results: Path, only: tuple[str, ...] = ()) 
 
 def base_model(case):
     """The case's base model, loaded from its directory as transformers writes it."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    config = json.loads((case.base_dir / "config.json").read_text())
-    return getattr(transformers, config["architectures"][0]).from_pretrained(case.base_dir).eval()
+    return models.class_of_directory(case.base_dir).from_pretrained(case.base_dir).eval()
