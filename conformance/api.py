@@ -12,6 +12,8 @@ Two optional members say what a driver covers and how it stores adapters (docs/p
   tensors to the driver's own keys and shapes and back. With it, adapter_state_dict and load_adapter_state_dict
   use the driver's layout, and the suite compares through the mapping. `to_peft` raises NoExactMapping where the
   driver's tensors have no peft equivalent.
+- `add_weighted_adapter(model, adapters, weights, adapter_name, combination_type, svd_rank=None)`: peft's
+  LoraModel.add_weighted_adapter; needed for the capability "weighted_adapter".
 """
 
 import importlib
@@ -34,6 +36,7 @@ CAPABILITIES = {
     "conv1d": "transformers' GPT-2 Conv1D layers (weights stored in, out)",
     "embedding": "torch.nn.Embedding layers",
     "conv2d": "torch.nn.Conv2d layers",
+    "multihead_attention": "torch.nn.MultiheadAttention layers (in-projection and out_proj adapted together)",
     "dora": "use_dora (weight-decomposed LoRA)",
     "rslora": "use_rslora (scaling alpha / sqrt(r))",
     "dropout": "lora_dropout in train mode, drawing the same mask as peft for the same torch seed",
@@ -46,6 +49,11 @@ CAPABILITIES = {
     "lora_bias": "lora_bias=True (a bias on lora_B)",
     "modules_to_save": "modules_to_save",
     "multi_adapter": "add_adapter / set_adapter / delete_adapter",
+    "mixed_batch": "model(**inputs, adapter_names=[...]) runs each row of a batch through its own adapter ('__base__': "
+                   "none), in eval mode",
+    "trainable_tokens": "trainable_token_indices: selected embedding rows trained (tied output layers included)",
+    "target_parameters": "target_parameters: LoRA on bare 2-d and 3-d (expert) nn.Parameters",
+    "weighted_adapter": "the driver's add_weighted_adapter member, combination types linear, cat and svd",
     "disable": "disable_adapter() context",
     "merge": "merge / unmerge / merge_and_unload",
     "unload": "unload() without merging",

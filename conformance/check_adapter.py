@@ -8,14 +8,16 @@ import copy
 import importlib
 import json
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from reference_impl import (PEFT_ONLY_FIELDS, LoraConfig, make_lora_layer, matches_target, pattern_value,
+from reference_impl import (PEFT_ONLY_FIELDS, LoraConfig, PeftModel, make_lora_layer, matches_target, pattern_value,
                             read_weights, resolve_targets, unmatched_pattern_keys, with_task_heads)
+from reference_impl.save_load import adapter_state_dict, module_path
 from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_adapter_name, split_key
 
 from . import models
@@ -217,14 +219,42 @@ def _check_keys(tensors: dict, config: LoraConfig, model: torch.nn.Module, label
         return
     resolved = copy.deepcopy(config)
     resolve_targets(model, resolved)
-    for key in sorted(k for k, m in lora.items() if m):
+    expected = _expected_shapes(config, model)
+    for key in sorted(set(tensors) & set(expected)):
+        _check_shape(key, tuple(tensors[key].shape), expected[key], pattern_value(
+            module_path(key.removeprefix(PREFIX)), config.rank_pattern, config.r), report)
+    for key in sorted(k for k, m in lora.items() if m and k not in expected):
         _check_lora_key(key, *lora[key], tensors[key], config, resolved, modules, report)
-    _check_unplaced(tensors, config, lora, modules, report)
-    targeted = [p for p in modules if p and matches_target(p, resolved) and make_lora_layer(modules[p]) is not None]
-    for path in targeted:
-        if path not in paths:
-            report.add("error", "keys.missing", f"target_modules selects {path!r} but the file has no tensors for "
-                       "it: peft warns and keeps a random initialisation there")
+    unexplained = [k for k in tensors if k not in expected]
+    _check_unplaced({k: tensors[k] for k in unexplained}, config, {k: lora[k] for k in unexplained}, modules, report)
+    for path in sorted({module_path(k.removeprefix(PREFIX)) for k in set(expected) - set(tensors)}):
+        report.add("error", "keys.missing", f"the config selects {path!r} but the file has no tensors for it: peft "
+                   "warns and keeps a random initialisation there")
+
+
+def _expected_shapes(config: LoraConfig, model: torch.nn.Module) -> dict[str, tuple]:
+    """The adapter's own tensors (key -> shape) for this config on this base, as reference_impl builds them on a
+    copy (on the meta device when the base has no weights): LoRA factors, also on target_parameters and
+    nn.MultiheadAttention, and trainable tokens. Full tensors (modules_to_save copies, base weights) are checked
+    against the base instead (_check_unplaced). Empty when reference_impl refuses the config; each key is then
+    explained on its own."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = PeftModel(copy.deepcopy(model), copy.deepcopy(config), initialize=False)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError):
+        return {}
+    return {key: tuple(tensor.shape) for key, tensor in adapter_state_dict(wrapped).items()
+            if ".lora_" in key or ".token_adapter." in key}
+
+
+def _check_shape(key: str, found: tuple, expected: tuple, r: int, report: Report) -> None:
+    if found != expected:
+        transposed = found == expected[::-1]
+        report.add("error", "shape.transposed" if transposed else "shape.mismatch",
+                   f"{key}: shape {found}, peft expects {expected} for r={r}"
+                   + (" (the factor is transposed: stored (in, r) / (r, out), not peft's (r, in) / (out, r))"
+                      if transposed else ""))
 
 
 def _inert_message(paths: list[str], modules: dict, label: str) -> str:
@@ -247,15 +277,10 @@ def _check_lora_key(key, path, name, tensor, config, resolved, modules, report) 
     r = pattern_value(path, config.rank_pattern, config.r)
     layer = make_lora_layer(modules[path])
     expected = layer.factor_shapes(r).get(name) if layer is not None else None
-    found = tuple(tensor.shape)
     if expected is None:
         report.add("error", "keys.unsupported", f"{key}: {type(modules[path]).__name__} takes no {name}")
-    elif found != expected:
-        transposed = found == expected[::-1]
-        report.add("error", "shape.transposed" if transposed else "shape.mismatch",
-                   f"{key}: shape {found}, peft expects {expected} for r={r}"
-                   + (" (the factor is transposed: stored (in, r) / (r, out), not peft's (r, in) / (out, r))"
-                      if transposed else ""))
+    else:
+        _check_shape(key, tuple(tensor.shape), expected, r, report)
     if name == "lora_B.bias" and not config.lora_bias:
         report.add("error", "keys.unplaced", f"{key}: a lora_B bias while adapter_config.json has lora_bias false: "
                    "peft and reference_impl drop it, so the adapter computes without the bias its writer trained "

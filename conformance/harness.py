@@ -87,7 +87,7 @@ def adapter_values(initial: dict[str, torch.Tensor], seed: int) -> dict[str, tor
 def load(adapted: Adapted, values: dict[str, torch.Tensor], adapter_name: str = "default") -> dict:
     """Load peft-layout `values` into the adapted model through its driver (mapped to the driver's own layout);
     returns what was handed to the driver."""
-    own = to_driver(adapted.driver, adapted.model, values)
+    own = to_driver(adapted.driver, adapted.model, values, adapter_name)
     adapted.driver.load_adapter_state_dict(adapted.model, {k: v.detach().to(adapted.device) for k, v in own.items()},
                                            adapter_name)
     if adapter_name == "default":
@@ -108,11 +108,12 @@ def pair(impl: Driver, oracle: Driver, case: Case, device: str, dtype: torch.dty
 
 # --- layouts: the driver's own tensors and peft's ---------------------------------------------------------------
 
-def to_driver(driver: Driver, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_driver(driver: Driver, model: nn.Module, tensors: dict[str, torch.Tensor],
+              adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft-layout tensors in the driver's own layout (the same dict for a driver in peft's layout). Base weights
     saved beside an adapter ('...embed_tokens.base_layer.weight', LORA-KEYS-010) hold unchanged base values; a
     driver that does not keep them with its adapter is not handed them (KEYS-010 judges that on its own)."""
-    if any(key.endswith(BASE_WEIGHT) for key in tensors) and not _keeps_base_weights(driver, model):
+    if any(key.endswith(BASE_WEIGHT) for key in tensors) and not _keeps_base_weights(driver, model, adapter_name):
         tensors = {key: value for key, value in tensors.items() if not key.endswith(BASE_WEIGHT)}
     layout = api.layout_of(driver)
     return dict(tensors) if layout is None else layout.to_driver(model, dict(tensors))
@@ -121,9 +122,9 @@ def to_driver(driver: Driver, model: nn.Module, tensors: dict[str, torch.Tensor]
 BASE_WEIGHT = ".base_layer.weight"
 
 
-def _keeps_base_weights(driver: Driver, model: nn.Module) -> bool:
+def _keeps_base_weights(driver: Driver, model: nn.Module, adapter_name: str) -> bool:
     try:
-        return any(key.endswith(BASE_WEIGHT) for key in peft_state(driver, model))
+        return any(key.endswith(BASE_WEIGHT) for key in peft_state(driver, model, adapter_name))
     except api.NoExactMapping:
         return False
 

@@ -16,6 +16,7 @@ from . import transformers_zoo as hf
 
 # Layer kinds, named as the driver capabilities that cover them.
 LINEAR, CONV1D, EMBEDDING, CONV2D = "linear", "conv1d", "embedding", "conv2d"
+ATTENTION = "multihead_attention"  # torch's nn.MultiheadAttention
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ZooModel:
     layer: str = ""  # the one adaptable layer of a single-layer model (the formula tests use these), else ""
     task_type: str = ""  # the peft task_type its users set (SEQ_CLS, ...), drawn into configs; "" for none
     drawn: bool = True  # False: only fixed cases use it (a grouped conv cannot merge, and draws merge)
+    parameters: tuple[str, ...] = ()  # names usable in target_parameters (bare parameters, 2-d or 3-d)
     description: str = ""
 
     @property
@@ -134,6 +136,59 @@ class ConvNet(nn.Module):
         return self.head(self.norm(x).mean(dim=(2, 3)))
 
 
+class Experts(nn.Module):
+    """A mixture-of-experts block stored as transformers stores GPT-OSS's or Llama 4's: every expert's weights in
+    one 3-d parameter, (experts, in, out). Dense routing: each expert's output weighted by the router."""
+
+    def __init__(self, experts: int = 3, width: int = 12, hidden: int = 8):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(0.3 * torch.randn(experts, width, 2 * hidden))
+        self.down_proj = nn.Parameter(0.3 * torch.randn(experts, hidden, width))
+
+    def forward(self, x, routing):
+        gate, up = torch.einsum("btw,ewh->ebth", x, self.gate_up_proj).chunk(2, dim=-1)
+        out = torch.einsum("ebth,ehw->ebtw", torch.nn.functional.silu(gate) * up, self.down_proj)
+        return torch.einsum("ebtw,bte->btw", out, routing)
+
+
+class MoE(nn.Module):
+    def __init__(self, width: int = 12, experts: int = 3, classes: int = 4):
+        super().__init__()
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = Experts(experts, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(x + self.experts(x, torch.softmax(self.router(x), dim=-1)))
+
+
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block on torch's own attention, as CLIP's and ViT's reference code builds it."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + torch.relu(self.fc(x))
+
+
+class AttentionNet(nn.Module):
+    def __init__(self, width: int = 16, depth: int = 2, classes: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(AttentionBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
 class Single(nn.Module):
     """One layer (called `layer` unless named otherwise): what the formula tests adapt."""
 
@@ -214,6 +269,16 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
                        "language_model.layers.1.self_attn.k_proj"), EMBEDDING: ("embed_tokens",)},
              description="LlavaForConditionalGeneration: a CLIP vision tower, a projector and a Llama language model "
                          "under model.language_model"),
+    # For target_parameters (LORA-TPARAM-*): the parameters are named in ZooModel.parameters; not drawn elsewhere.
+    ZooModel("moe", MoE, _tensor_inputs(2, 5, 12), {LINEAR: ("head",)}, drawn=False,
+             parameters=("experts.gate_up_proj", "experts.down_proj", "router.weight"),
+             description="a router, a 3-expert block with 3-d gate_up_proj (3, 12, 16) and down_proj (3, 8, 12), "
+                         "a Linear head"),
+    # For LoRA on nn.MultiheadAttention (LORA-MHA-*); not drawn elsewhere.
+    ZooModel("attention-net", AttentionNet, _tensor_inputs(2, 5, 16),
+             {ATTENTION: ("attn", "blocks.1.attn"), LINEAR: ("fc", "head")}, drawn=False,
+             description="two pre-norm blocks on nn.MultiheadAttention (width 16, 2 heads, batch_first), a Linear "
+                         "head"),
     ZooModel("single-linear", lambda: Single(nn.Linear(12, 10)), _tensor_inputs(2, 3, 12), {LINEAR: ("layer",)},
              layer="layer"),
     ZooModel("single-conv1d", _conv1d_single, _tensor_inputs(2, 3, 12), {CONV1D: ("layer",)}, layer="layer"),

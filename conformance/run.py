@@ -120,6 +120,20 @@ class Run:
         self.load(mine, harness.adapter_values(self.initial_in_peft_layout(mine), case.values_seed))
         return mine
 
+    def add_second_adapter(self, adapted: Adapted, config: dict, values: Optional[dict] = None,
+                           adapter_name: str = "other") -> dict:
+        """Add an adapter to `adapted` through its driver and load `values` into it (drawn around its initial values
+        when None, seeded by the case); returns the values, for the other implementation."""
+        adapted.driver.add_adapter(adapted.model, dict(config), adapter_name)
+        adapted.model.eval()  # new LoRA layers start in train mode (see LORA-FWD-004)
+        if values is None:
+            values = harness.adapter_values(self.peft_state(adapted.model, adapter_name), adapted.case.values_seed + 1)
+        if adapted.driver is self.impl:
+            self.load(adapted, values, adapter_name)
+        else:
+            harness.load(adapted, values, adapter_name)
+        return values
+
     def initial_in_peft_layout(self, mine: Adapted) -> dict:
         """The implementation's initial adapter in peft's layout, or reference_impl's where it has none."""
         try:

@@ -31,6 +31,8 @@ FEATURES = {
     "lora_bias": ("lora_bias", lambda v: bool(v)),
     "modules_to_save": ("modules_to_save", lambda v: bool(v)),
     "task_type": ("modules_to_save", lambda v: v in TASK_HEADS),  # the task's heads are modules to save
+    "target_parameters": ("target_parameters", lambda v: bool(v)),
+    "trainable_token_indices": ("trainable_tokens", lambda v: bool(v)),
 }
 
 
@@ -41,8 +43,8 @@ def features(config: dict, adapter_name: str = "default") -> set[str]:
 
 
 def layer_kind(module: nn.Module) -> Optional[str]:
-    """The capability that covers adapting `module`: linear, conv1d (GPT-2's), embedding, conv2d; None if LoRA
-    cannot adapt it."""
+    """The capability that covers adapting `module`: linear, conv1d (GPT-2's), embedding, conv2d,
+    multihead_attention; None if LoRA cannot adapt it."""
     if is_conv1d(module):
         return models.CONV1D
     if isinstance(module, nn.Linear):
@@ -51,6 +53,8 @@ def layer_kind(module: nn.Module) -> Optional[str]:
         return models.EMBEDDING
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return models.CONV2D
+    if isinstance(module, nn.MultiheadAttention):
+        return models.ATTENTION
     return None
 
 

@@ -3,7 +3,9 @@
 Read in this order: layers.py (the formula and the layer contract), config.py (each field, peft's defaults),
 targeting.py (which modules get an adapter), merging.py, dora.py, model.py (injection), peft_model.py (the
 wrapper), save_load.py (what is saved, and loading). peft_format.py holds the format facts every reader and writer
-shares; config_checks.py the checks every config value passes once. Requirement IDs (LORA-...) refer to SPEC.md.
+shares; config_checks.py the checks every config value passes once. mixed_batch.py (an adapter per batch row),
+weighted.py (add_weighted_adapter), parameters.py (target_parameters), attention.py (nn.MultiheadAttention) and
+trainable_tokens.py (trainable_token_indices) each hold one feature. Requirement IDs (LORA-...) refer to SPEC.md.
 """
 
 from . import peft_format

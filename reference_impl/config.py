@@ -32,8 +32,6 @@ PEFT_ONLY_FIELDS: dict[str, Any] = {
     "megatron_core": "megatron.core",
     "monteclora_config": None,
     "qalora_group_size": 16,
-    "target_parameters": None,
-    "trainable_token_indices": None,
     "use_bdlora": None,
     "use_qalora": False,
     "velora_config": None,
@@ -54,11 +52,15 @@ class LoraConfig:
     target_modules: Targets = None  # names (matched as dotted suffixes), one regex (fullmatch), "all-linear", or None:
     #                                 the architecture's default (targeting.DEFAULT_TARGETS)
     exclude_modules: Targets = None  # modules never adapted, by the same rules
+    target_parameters: Optional[list[str]] = None  # bare parameters to adapt ("experts.down_proj"), by the same
+    #                                                suffix rule as target_modules (parameters.py)
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input, in train mode
     fan_in_fan_out: bool = False  # weight stored (in, out); set per layer from its type (GPT-2's Conv1D: True)
     bias: str = "none"  # which biases train and are saved: "none", "all", "lora_only" (those of adapted layers)
     use_rslora: bool = False  # rank-stabilised scaling, lora_alpha / sqrt(r)
     modules_to_save: Optional[list[str]] = None  # modules trained and saved in full (a classifier head, lm_head)
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None  # embedding rows trained alone
+    #                     (new tokens): a list for the input embedding, or {module name: rows} (trainable_tokens.py)
     init_lora_weights: Union[bool, str] = True  # True: A kaiming, B = 0; "gaussian": A ~ N(0, 1/r); False: random B
     layers_to_transform: Union[int, list[int], None] = None  # only these layer indices are adapted
     layers_pattern: Union[str, list[str], None] = None  # the name of the layer list ("h", "layers"), for the index

@@ -20,6 +20,10 @@ def _is_names(value) -> bool:
     return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
 
 
+def _is_indices(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(type(i) is int and i >= 0 for i in value)
+
+
 def _expect(field_name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"LoraConfig.{field_name} must be {allowed}, got {value!r}")
@@ -31,6 +35,12 @@ def check_types(config: "LoraConfig") -> None:
         value = getattr(config, name)
         _expect(name, value, value is None or isinstance(value, str) or _is_names(value),
                 "None, a regex string or a list of module names")
+    _expect("target_parameters", config.target_parameters, config.target_parameters is None or
+            _is_names(config.target_parameters), "None or a list of parameter names")
+    tokens = config.trainable_token_indices
+    _expect("trainable_token_indices", tokens, tokens is None or _is_indices(tokens) or (
+        isinstance(tokens, dict) and all(isinstance(k, str) and _is_indices(v) for k, v in tokens.items())),
+        "None, a list of token indices or {module name: list of token indices}")
     _expect("modules_to_save", config.modules_to_save, config.modules_to_save is None or
             _is_names(config.modules_to_save), "None or a list of module names")
     layers = config.layers_to_transform

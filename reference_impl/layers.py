@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora
+from . import dora, mixed_batch
 from .config import LoraConfig
 from .merging import Merging
 from .peft_format import is_conv1d, scaling
@@ -31,6 +31,8 @@ class LoraLayer(Merging, nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """base(x) plus every active adapter's output, in the base output's dtype.
         Spec: LORA-FWD-001, LORA-FWD-005, LORA-FWD-007, LORA-MULTI-004."""
+        if self.row_adapters is not None:  # model(..., adapter_names=[...]): an adapter per row
+            return mixed_batch.lora_layer_forward(self, x, *args, **kwargs)
         if self.disabled and self.merged_adapters:
             self.unmerge()  # peft 0.21.2 layer.py:1079: a disabled, merged layer unmerges for good (LORA-FWD-007)
         result = self.base_layer(x, *args, **kwargs)
@@ -86,6 +88,10 @@ class LoraLayer(Merging, nn.Module):
         """The base weight seen as (out_features, in_features, ...); its own inverse."""
         return weight
 
+    def adapted_weight(self) -> nn.Parameter:
+        """The parameter the adapters change (merging writes into it; new adapters take its device and dtype)."""
+        return self.base_layer.weight
+
     def fold_operands(self, A: torch.Tensor, B: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(left, right) with left @ right = B A in the stored weight's layout, for merging in one addmm_; None
         where no single matrix product gives it (conv)."""
@@ -114,12 +120,19 @@ class LoraLayer(Merging, nn.Module):
         self.merged_adapters: list[str] = []
         self.dora_merge_norms: dict[str, torch.Tensor] = {}
         self.disabled = False
+        self.row_adapters: Optional[list[str]] = None  # set during a mixed-adapter batch (mixed_batch.py)
 
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight: model code reads it through the layer (ViT's patch embedding asks
         `projection.weight.dtype`), as it can in peft. Not a parameter of this module."""
         return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The base layer's bias, for model code that reads it through the layer (torch's attention reads
+        `out_proj.bias`), as it can in peft. Not a parameter of this module."""
+        return self.base_layer.bias
 
     def _add_settings(self, name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
         """Rank, scaling and dropout of a new adapter. Spec: LORA-FWD-002 (scaling), LORA-FWD-004 (dropout)."""
@@ -131,7 +144,7 @@ class LoraLayer(Merging, nn.Module):
         """Move the new adapter to the base weight's device and dtype, add DoRA's magnitude, then (as peft does
         in PeftModel) upcast fp16/bf16 adapters to fp32: their initial values keep the half-precision rounding.
         Spec: LORA-INIT-006, LORA-INIT-008."""
-        weight = self.base_layer.weight
+        weight = self.adapted_weight()
         self._convert(name, device=weight.device, dtype=weight.dtype)
         if config.use_dora:
             self.lora_magnitude_vector[name] = dora.Magnitude(dora.initial_magnitude(self, name))
@@ -362,6 +375,10 @@ def warn_fan_in_fan_out(base_layer: nn.Module, config: LoraConfig) -> None:
 
 def make_lora_layer(module: nn.Module) -> Optional[LoraLayer]:
     """The LoRA class for a base module, or None if LoRA cannot adapt it. Spec: LORA-MATCH-007."""
+    if isinstance(module, nn.MultiheadAttention):
+        from .attention import MultiheadAttention  # attention.py builds on Linear, defined here
+
+        return MultiheadAttention(module)
     if isinstance(module, nn.Embedding):
         return Embedding(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -27,16 +27,16 @@ class Merging:
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weight; safe_merge checks for NaN/Inf first. Spec: LORA-MERGE-005."""
-        base = self.base_layer
+        base, target = self.base_layer, self.adapted_weight()
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            weight = self.merged_weight(name, base.weight.data.clone() if safe_merge else base.weight.data,
+            weight = self.merged_weight(name, target.data.clone() if safe_merge else target.data,
                                         round_delta=safe_merge or self.rounds_delta_on_merge)
             bias = self.lora_bias_after_merge(name, sign=1)
             if safe_merge and not all(torch.isfinite(t).all() for t in (weight, bias) if t is not None):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            base.weight.data = weight
+            target.data = weight
             if bias is not None:
                 base.bias.data = bias
             self.merged_adapters.append(name)
@@ -45,7 +45,8 @@ class Merging:
         """Take merged adapters out again, last merged first. Spec: LORA-MERGE-003."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.base_layer.weight.data = self.unmerged_weight(name, self.base_layer.weight.data)
+            target = self.adapted_weight()
+            target.data = self.unmerged_weight(name, target.data)
             bias = self.lora_bias_after_merge(name, sign=-1)
             if bias is not None:
                 self.base_layer.bias.data = bias

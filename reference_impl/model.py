@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
+from . import mixed_batch, parameters, trainable_tokens, weighted
 from .config import LoraConfig
 from .layers import LoraLayer, make_lora_layer, warn_fan_in_fan_out
 from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
@@ -42,14 +43,23 @@ class LoraModel(nn.Module):
         self.inject(config, adapter_name, initialize)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """The model's forward; with `adapter_names`, row i of the batch uses adapter adapter_names[i] ("__base__":
+        none). Spec: LORA-MIX-001, LORA-MIX-002."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        wrappers = [*self.wrappers(), *self.token_wrappers()]
+        with mixed_batch.per_row(self, adapter_names, [m for _, m in self.lora_layers()], wrappers):
+            return self.model(*args, **kwargs)
 
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer))
 
     def wrappers(self) -> Iterator[ModulesToSaveWrapper]:
         return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
+
+    def token_wrappers(self) -> Iterator[trainable_tokens.TokenWrapper]:
+        return (m for m in self.model.modules() if isinstance(m, trainable_tokens.TokenWrapper))
 
     def inject(self, config: LoraConfig, adapter_name: str, initialize: bool = True) -> None:
         """Add adapter `adapter_name` to every targeted module, in `named_modules()` order (the order in which
@@ -75,6 +85,8 @@ class LoraModel(nn.Module):
                 continue
             self._add_to_module(name, config, adapter_name, initialize)
             targeted.append(name)
+        if config.target_parameters:
+            targeted += self._add_to_parameters(config, adapter_name, initialize)
         if not targeted:
             raise no_match_error(config, names, excluded)
         for label, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
@@ -88,6 +100,9 @@ class LoraModel(nn.Module):
                           "adapter: merging it changes the input and the output embedding together.")
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        if config.trainable_token_indices:
+            trainable_tokens.wrap_trainable_tokens(self.model, config.trainable_token_indices, adapter_name,
+                                                   config.modules_to_save)
         self.targeted_module_names += [n for n in targeted if n not in self.targeted_module_names]
         self.peft_config[adapter_name] = config
 
@@ -99,13 +114,39 @@ class LoraModel(nn.Module):
             if module is None:
                 raise ValueError(f"Target module {name} ({type(base).__name__}) is not supported. Currently, only "
                                  "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
-                                 "`torch.nn.Conv3d` and `transformers.pytorch_utils.Conv1D` are supported.")
+                                 "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D` and "
+                                 "`torch.nn.MultiheadAttention` are supported.")
             _swap(self.model, name, module)
         warn_fan_in_fan_out(module.base_layer, config)
         r = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
         module.add_adapter(adapter_name, r, alpha, config, self.upcast_half, initialize)
         module.active_adapters = list(self.active_adapters)
+
+    def _add_to_parameters(self, config: LoraConfig, adapter_name: str, initialize: bool) -> list[str]:
+        """Adapt the parameters config.target_parameters names (parameters.py); every adapter that uses
+        target_parameters must name the same ones, as in peft. Spec: LORA-TPARAM-001, LORA-TPARAM-002."""
+        for other_name, other in self.peft_config.items():
+            if other.target_parameters and set(other.target_parameters) != set(config.target_parameters):
+                raise ValueError("When using multiple adapters with `target_parameters`, all adapters must target "
+                                 f"the same set of parameters, but got {sorted(config.target_parameters)} for the "
+                                 f"new adapter and {sorted(other.target_parameters)} for adapter '{other_name}'.")
+        found = []
+        for path, name in parameters.targeted_parameters(self.model, list(config.target_parameters)):
+            layer = parameters.layer_for(self.model, path, name)
+            if layer is None:
+                current = self.model.get_submodule(path)
+                if isinstance(current, LoraLayer) and not isinstance(current, parameters.ParamLayer):
+                    raise ValueError(f"{path} is adapted through target_modules and target_parameters at once; "
+                                     "reference_impl supports one or the other per module")
+                layer = parameters.ParamLayer(current, name)
+                _swap(self.model, path, layer)
+            r = pattern_value(path, config.rank_pattern, config.r)
+            alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
+            layer.add_adapter(adapter_name, r, alpha, config, self.upcast_half, initialize)
+            layer.active_adapters = list(self.active_adapters)
+            found.append(f"{path}.{name}")
+        return found
 
     # --- which adapters run and train ---------------------------------------------------------------------
 
@@ -125,6 +166,8 @@ class LoraModel(nn.Module):
             if len(active) > 1:
                 raise ValueError(f"Attempted to set multiple ({active}) adapters at once for modules_to_save.")
             wrapper.active_adapter = active[0] if active else None
+        for wrapper in self.token_wrappers():
+            wrapper.token_adapter.active_adapters = list(names)
         self.active_adapters = names
         self.mark_trainable(inference_mode)
 
@@ -143,6 +186,11 @@ class LoraModel(nn.Module):
         self.inject(config, adapter_name, initialize=initialize)
         self.set_adapter(self.active_adapters)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **svd_options) -> None:
+        """A new adapter combining `adapters` (weighted.py). Spec: LORA-WADD-001..004."""
+        weighted.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **svd_options)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Spec: LORA-MULTI-003."""
         if adapter_name not in self.peft_config:
@@ -155,6 +203,10 @@ class LoraModel(nn.Module):
             layer.delete_adapter(adapter_name)
         for wrapper in self.wrappers():
             wrapper.modules_to_save.pop(adapter_name, None)
+        for wrapper in self.token_wrappers():
+            for container in (wrapper.token_adapter.trainable_tokens_delta, wrapper.token_adapter.token_indices,
+                              wrapper.token_adapter.originals):
+                container.pop(adapter_name, None)
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining and self.peft_config:
             remaining = [sorted(self.peft_config)[0]]
@@ -165,7 +217,8 @@ class LoraModel(nn.Module):
             self.active_adapters = []
 
     def set_disabled(self, disabled: bool) -> None:
-        for layer in (*(m for _, m in self.lora_layers()), *self.wrappers()):
+        for layer in (*(m for _, m in self.lora_layers()), *self.wrappers(),
+                      *(w.token_adapter for w in self.token_wrappers())):
             layer.disabled = disabled
 
     # --- merge and unload -------------------------------------------------------------------------------
@@ -176,10 +229,14 @@ class LoraModel(nn.Module):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         for _, layer in self.lora_layers():
             layer.merge(adapter_names, safe_merge)
+        for wrapper in self.token_wrappers():
+            wrapper.token_adapter.merge(adapter_names if adapter_names is not None else self.active_adapters)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             layer.unmerge()
+        for wrapper in self.token_wrappers():
+            wrapper.token_adapter.unmerge()
 
     def unload(self, merge: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """Put the original modules back (after merging, if asked) and return the bare model.
@@ -187,10 +244,13 @@ class LoraModel(nn.Module):
         modules_to_save wrappers give back their active copy, as peft does. Spec: LORA-UNLOAD-001, -002."""
         if merge:
             self.merge_adapter(adapter_names, safe_merge)
-        for path, layer in list(self.lora_layers()):
+        for path, layer in reversed(list(self.lora_layers())):  # innermost first: parameter layers nest
             _swap(self.model, path, layer.base_layer)
         for path, wrapper in [(p, m) for p, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
             _swap(self.model, path, wrapper.active_module())
+        for path, wrapper in [(p, m) for p, m in self.model.named_modules(remove_duplicate=False)
+                              if isinstance(m, trainable_tokens.TokenWrapper)]:
+            _swap(self.model, path, wrapper.token_adapter.base_layer)
         if merge:
             untie_if_diverged(self.model)
         return self.model
@@ -221,6 +281,9 @@ def adapter_parameters(model: nn.Module, name: str, bias: str = "none") -> Itera
             yield from ((f"{path}.{suffix}", p) for suffix, p in module.adapter_tensors(name).items())
         elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
             yield from ((f"{path}.{suffix}", p) for suffix, p in module.adapter_tensors(name).items())
+        elif isinstance(module, trainable_tokens.TokenWrapper) and not module.token_adapter.tied \
+                and name in module.token_adapter.token_indices:
+            yield f"{path}.token_adapter.trainable_tokens_delta", module.token_adapter.trainable_tokens_delta[name]
     if bias == "all":  # every bias of the model, LoRA's own and the wrappers' copies aside
         yield from ((path, p) for path, p in model.named_parameters() if (path == "bias" or path.endswith(".bias"))
                     and not any(part in path for part in (".lora_", ".modules_to_save.", ".original_module.")))

@@ -8,6 +8,8 @@ import copy
 
 from torch import nn
 
+from . import mixed_batch
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds `original_module` (frozen) and `modules_to_save[adapter]` (trainable copies). Saved keys drop the
@@ -19,6 +21,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.row_adapters: list[str] | None = None  # set during a mixed-adapter batch (mixed_batch.py)
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -33,6 +36,8 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[name].state_dict(keep_vars=True)
 
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None and args:
+            return mixed_batch.wrapper_forward(self, *args, **kwargs)
         return self.active_module()(*args, **kwargs)
 
     def __getattr__(self, name: str):

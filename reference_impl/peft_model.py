@@ -42,7 +42,7 @@ class PeftModel(nn.Module):
                                     initialize=initialize)
 
     def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+        return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -88,6 +88,11 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **svd_options) -> None:
+        """Spec: LORA-WADD-001..004 (reference_impl/weighted.py)."""
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **svd_options)
 
     @contextlib.contextmanager
     def disable_adapter(self):

@@ -48,6 +48,8 @@ def matches_target(name: str, config: LoraConfig) -> bool:
     targets = config.target_modules
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
+    if targets is None:  # only target_parameters
+        return False
     if name in targets:  # peft applies no layer filter to an exact full name
         return True
     if not matches_names(name, targets):
@@ -92,7 +94,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> None:
     name list. Spec: LORA-MATCH-004, LORA-MATCH-008, LORA-MATCH-011."""
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         config.target_modules = all_linear_names(model)
-    elif config.target_modules is None:
+    elif config.target_modules is None and not config.target_parameters:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError("Please specify `target_modules` in the LoRA config: "

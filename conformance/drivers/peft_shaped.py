@@ -32,6 +32,11 @@ class PeftShapedDriver:
     def delete_adapter(self, model: nn.Module, adapter_name: str) -> None:
         model.delete_adapter(adapter_name)
 
+    def add_weighted_adapter(self, model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str, svd_rank=None) -> None:
+        model.add_weighted_adapter(adapters, weights, adapter_name, combination_type=combination_type,
+                                   svd_rank=svd_rank)
+
     def disable_adapter(self, model: nn.Module) -> AbstractContextManager:
         return model.disable_adapter()
 

@@ -17,6 +17,8 @@ class CaseSpec:
     adapter_name: str = "default"
     second: Optional[dict] = None
     base: str = "gpt2-tiny"  # the zoo model the case adapts
+    mixed: tuple[str, ...] = ()  # adapter_names for the input rows: "mixed" logits (v3 on)
+    combine: Optional[tuple] = None  # (weights, combination_type): "combined" logits of add_weighted_adapter (v3 on)
 
 
 CASE_SPECS = [
@@ -69,6 +71,22 @@ CASE_SPECS = [
     CaseSpec("llava-language-model", {"r": 4, "lora_alpha": 8,
                                       "target_modules": r".*language_model.*\.(q_proj|v_proj)"},
              ("LORA-KEYS-001",), base="llava"),
+    # v3: the rest of peft's LoRA.
+    CaseSpec("mixed-batch", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"]}, ("LORA-MIX-001",),
+             second={"r": 2, "lora_alpha": 16, "target_modules": ["c_attn"]}, mixed=("second", "default")),
+    CaseSpec("weighted-cat", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}, ("LORA-WADD-002",),
+             second={"r": 2, "lora_alpha": 16, "target_modules": ["c_attn", "c_fc"]}, combine=([0.7, -1.3], "cat")),
+    CaseSpec("weighted-svd", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, ("LORA-WADD-003",),
+             second={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}, combine=([1.0, 0.5], "svd"),
+             base="llama"),
+    CaseSpec("moe-target-parameters", {"r": 2, "lora_alpha": 4, "target_parameters": [
+        "experts.gate_up_proj", "experts.down_proj", "router.weight"]}, ("LORA-TPARAM-001", "LORA-TPARAM-002"),
+             base="moe"),
+    CaseSpec("qwen2-tied-trainable-tokens", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                                             "trainable_token_indices": [27, 59, 99]},
+             ("LORA-TOK-001", "LORA-TOK-002"), base="qwen2-tied"),
+    CaseSpec("multihead-attention", {"r": 4, "lora_alpha": 8, "target_modules": ["attn"]},
+             ("LORA-MHA-001", "LORA-MHA-002"), base="attention-net"),
 ]
 
 # Full-size GPT-2 on the meta device: (target_modules, r) -> (trainable, total), recorded from peft.

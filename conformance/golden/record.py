@@ -18,7 +18,7 @@ from reference_impl.peft_format import adapter_directory
 from .. import SPEC_VERSION, harness, models
 from .diff import changes
 from .recipes import CASE_SPECS, COUNT_CONFIGS, CaseSpec
-from .store import LOCK_NAME, SECOND, aliases, fixture_files, read_lock, root, sha256, versions
+from .store import COMBINED, LOCK_NAME, SECOND, aliases, fixture_files, read_lock, root, sha256, versions
 
 
 def producers() -> dict:
@@ -34,7 +34,8 @@ def _write_base(name: str, folder: Path) -> torch.nn.Module:
     """Zoo model `name` from seed 0 into `folder`: its config and its weights, each shared tensor once."""
     model = models.build(name, 0)
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
+    if hasattr(model, "config"):  # a plain torch model (the zoo's MoE) is rebuilt by the zoo
+        (folder / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
     shared = set(aliases(model))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in shared}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
@@ -67,6 +68,13 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
     model.merge_adapter()
     expected["merged"] = _logits(model, inputs)
     model.unmerge_adapter()
+    if spec.mixed:
+        expected["mixed"] = _logits(model, {**inputs, "adapter_names": list(spec.mixed)})
+    if spec.combine:
+        weights, combination = spec.combine
+        model.add_weighted_adapter([spec.adapter_name, SECOND], weights, COMBINED, combination_type=combination)
+        model.set_adapter(COMBINED)
+        expected["combined"] = _logits(model.eval(), inputs)
     if spec.second:
         model.set_adapter(SECOND)
         expected["second"] = _logits(model, inputs)
@@ -79,10 +87,13 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
         "case": spec.name, "base": spec.base, "fixture_version": version, "spec_version": SPEC_VERSION,
         "requirements": list(spec.requirements), "adapter_name": spec.adapter_name,
         "adapters": names, "config": spec.config, "second_config": spec.second, "values_seed": seed,
+        **({"mixed": list(spec.mixed)} if spec.mixed else {}),
+        **({"combine": {"weights": spec.combine[0], "combination_type": spec.combine[1]}} if spec.combine else {}),
         "producer": producers(), "tolerance_class": "golden",
         "inputs": f"{spec.base} inputs from seed 0 (conformance/models.py), row 2 right-padded by 3",
         "expected": "logits (question answering: start and end logits stacked) with the adapter active "
-                    "(unmerged), merged, disabled; 'second': the second adapter",
+                    "(unmerged), merged, disabled; 'second': the second adapter; 'mixed': rows through the adapters "
+                    "named in 'mixed'; 'combined': the adapter add_weighted_adapter makes as 'combine' says",
         "keys": {n: {k: [list(v.shape), str(v.dtype)] for k, v in sorted(load_file(
             adapter_directory(folder / "adapter", n) / "adapter_model.safetensors")
             .items())} for n in names},

@@ -17,7 +17,8 @@ from .. import models
 
 LOCK_NAME = "FIXTURES.lock"
 ENV_ROOT = "PEFT_CONFORMANCE_FIXTURES"
-SECOND = "second"  # the name of the second adapter in the two-adapter case
+SECOND = "second"  # the name of the second adapter in the two-adapter cases
+COMBINED = "combined"  # the name of the adapter add_weighted_adapter makes in the weighted cases (v3 on)
 
 
 @dataclass

@@ -91,19 +91,19 @@ def test_saving_again_writes_peft_s_files(run, case, tmp_path):
     if stored.get("task_type") in TASK_HEADS:  # loading appends the task's heads once more (LORA-TASK-003)
         stored["modules_to_save"] = stored["modules_to_save"] + TASK_HEADS[stored["task_type"]]
     for key in ("r", "lora_alpha", "use_rslora", "use_dora", "bias", "lora_bias", "rank_pattern", "alpha_pattern",
-                "layers_to_transform", "modules_to_save", "fan_in_fan_out", "peft_type"):
+                "layers_to_transform", "modules_to_save", "fan_in_fan_out", "peft_type", "target_parameters",
+                "trainable_token_indices"):
         run.check(mine.get(key) == stored.get(key), f"case {case.id}: re-saved adapter_config.json "
                                                     f"{key}={mine.get(key)!r}, peft wrote {stored.get(key)!r}")
-    run.check(sorted(mine.get("target_modules") or []) == sorted(stored["target_modules"]),
+    run.check(sorted(mine.get("target_modules") or []) == sorted(stored["target_modules"] or []),
               f"case {case.id}: target_modules {mine.get('target_modules')}, peft wrote {stored['target_modules']}")
 
 
 SECOND = [c for c in CASES if golden.SECOND in c.manifest["adapters"]]
 
 
-@pytest.mark.req("LORA-GOLD-007")
-@pytest.mark.parametrize("case", SECOND, ids=[c.id for c in SECOND])
-def test_second_adapter_computes_peft_s_output(run, case):
+def _with_second(run, case: golden.Case):
+    """The case's adapter loaded, and its second adapter added and loaded (inactive)."""
     _in_scope(run, case)
     base = case.base_model()
     config = {k: v for k, v in case.config(golden.SECOND).items() if k in case.manifest["second_config"]}
@@ -112,12 +112,45 @@ def test_second_adapter_computes_peft_s_output(run, case):
         pytest.skip(f"not applicable: {reason}")
     model = _loaded(run, case)
     run.impl.add_adapter(model, config, golden.SECOND)
-    run.impl.load_adapter_state_dict(model, harness.to_driver(run.impl, model, case.tensors(golden.SECOND)),
-                                     golden.SECOND)
-    run.impl.set_adapter(model, golden.SECOND)
+    run.impl.load_adapter_state_dict(model, harness.to_driver(run.impl, model, case.tensors(golden.SECOND),
+                                                              golden.SECOND), golden.SECOND)
     model.eval()
+    return model
+
+
+@pytest.mark.req("LORA-GOLD-007")
+@pytest.mark.parametrize("case", SECOND, ids=[c.id for c in SECOND])
+def test_second_adapter_computes_peft_s_output(run, case):
+    model = _with_second(run, case)
+    run.impl.set_adapter(model, golden.SECOND)
     run.close(_output(model, case), case.expected()["second"], f"case {case.id}: logits with the second adapter "
                                                               "active")
+
+
+MIXED = [c for c in CASES if c.manifest.get("mixed")]
+COMBINE = [c for c in CASES if c.manifest.get("combine")]
+
+
+@pytest.mark.req("LORA-GOLD-009")
+@pytest.mark.parametrize("case", MIXED, ids=[c.id for c in MIXED])
+def test_mixed_batch_computes_peft_s_output(run, case):
+    model = _with_second(run, case)
+    names = case.manifest["mixed"]
+    output = models.output_tensor(model(**case.inputs(), adapter_names=list(names)))
+    run.close(output, case.expected()["mixed"], f"case {case.id}: logits of the mixed batch {names}")
+
+
+@pytest.mark.req("LORA-GOLD-010")
+@pytest.mark.parametrize("case", COMBINE, ids=[c.id for c in COMBINE])
+def test_weighted_adapter_computes_peft_s_output(run, case):
+    model = _with_second(run, case)
+    combine = case.manifest["combine"]
+    run.impl.add_weighted_adapter(model, [case.adapter_name, golden.SECOND], combine["weights"], golden.COMBINED,
+                                  combine["combination_type"])
+    run.impl.set_adapter(model, golden.COMBINED)
+    model.eval()
+    run.close(_output(model, case), case.expected()["combined"],
+              f"case {case.id}: logits of add_weighted_adapter({combine['weights']}, {combine['combination_type']!r})")
 
 
 @pytest.mark.req("LORA-GOLD-008")

@@ -65,6 +65,30 @@ def test_check_adapter_sees_targets_without_tensors(adapter):
     assert result.exit_code == 1 and "selects 'transformer.h.0.mlp.c_fc' but the file has no tensors" in result.output
 
 
+@pytest.mark.parametrize("case, base", [("moe-target-parameters", "moe"), ("multihead-attention", "attention-net"),
+                                        ("qwen2-tied-trainable-tokens", "qwen2-tied")])
+def test_check_adapter_knows_the_rest_of_peft_s_lora(case, base, tmp_path):
+    """target_parameters, nn.MultiheadAttention and trainable tokens: peft's own files pass; a transposed expert
+    factor, a missing out_proj factor, a token delta of the wrong size are named."""
+    source = golden.root() / "v3" / "cases" / case / "adapter"
+    result = runner.invoke(app, ["check-adapter", str(source), "--base", base])
+    assert result.exit_code == 0, result.output
+    shutil.copytree(source, tmp_path / "broken")
+    tensors = load_file(source / "adapter_model.safetensors")
+    key = {"moe": f"{PREFIX}experts.lora_A.weight", "attention-net": f"{PREFIX}blocks.0.attn.lora_B.weight",
+           "qwen2-tied": f"{PREFIX}model.embed_tokens.token_adapter.trainable_tokens_delta"}[base]
+    if base == "moe":
+        tensors[key] = tensors[key].T.contiguous()
+    elif base == "attention-net":
+        del tensors[f"{PREFIX}blocks.0.attn.base_layer.out_proj.lora_A.weight"]
+    else:
+        tensors[key] = tensors[key][:2].contiguous()
+    save_file(tensors, tmp_path / "broken" / "adapter_model.safetensors", metadata={"format": "pt"})
+    result = runner.invoke(app, ["check-adapter", str(tmp_path / "broken"), "--base", base])
+    expected = {"moe": "shape.transposed", "attention-net": "keys.missing", "qwen2-tied": "shape.mismatch"}[base]
+    assert result.exit_code == 1 and expected in result.output, result.output
+
+
 def test_check_adapter_says_a_missing_directory_is_missing(tmp_path):
     result = runner.invoke(app, ["check-adapter", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "nowhere: no such file or directory" in result.output

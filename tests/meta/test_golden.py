@@ -11,7 +11,8 @@ from tests.conftest import ROOT, run_suite
 
 def test_fixtures_match_their_lock_and_stay_small():
     assert golden.verify() == []
-    assert sum(p.stat().st_size for p in golden.fixture_files(golden.root())) < 5_000_000
+    # Each version records every case again (about 2.5 MB for v3), plus the consumer corpus (1.4 MB).
+    assert sum(p.stat().st_size for p in golden.fixture_files(golden.root())) < 7_000_000
 
 
 def test_every_case_has_its_files_and_manifest():
@@ -22,7 +23,8 @@ def test_every_case_has_its_files_and_manifest():
         assert {"peft", "torch", "transformers"} <= set(manifest["producer"])
         assert set(manifest["keys"][case.adapter_name]) == set(case.tensors())
         assert set(case.expected()) >= {"unmerged", "merged", "disabled"}
-        assert case.inputs()["attention_mask"].min() == 0  # padded inputs
+        if "attention_mask" in case.inputs():  # token inputs are padded (tensor inputs: the MoE, the attention net)
+            assert case.inputs()["attention_mask"].min() == 0
         for name, digest in manifest["files"].items():
             assert golden.sha256(case.path / name) == digest, f"{case.id}: {name}"
 

@@ -11,8 +11,15 @@ from tests.mutants.adapters_and_counts import *  # noqa: F401,F403
 from tests.mutants.base import Mutant
 from tests.mutants.config import *  # noqa: F401,F403
 from tests.mutants.files import *  # noqa: F401,F403
+from tests.mutants.lora_features import *  # noqa: F401,F403
 from tests.mutants.merging import *  # noqa: F401,F403
 from tests.mutants.models import *  # noqa: F401,F403
 
+
+
+def _all_subclasses(cls) -> list:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_all_subclasses(direct))]
+
+
 # name -> class, for every broken driver that claims to be caught (the others only crash, hang or misbehave)
-MUTANTS = {cls.__name__: cls for cls in Mutant.__subclasses__() if cls.kills}
+MUTANTS = {cls.__name__: cls for cls in _all_subclasses(Mutant) if cls.kills}

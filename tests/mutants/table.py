@@ -1,6 +1,6 @@
 """Run the whole suite against every broken driver and write the requirement x broken-driver table.
 
-    python -m tests.mutants.table --output docs/mutants.md [--jobs 2] [--profile gate] [NAME ...]
+    python -m tests.mutants.table --output docs/mutants.md [--jobs 2] [--profile gate] [--keep] [NAME ...]
 
 A broken driver is "killed" when every requirement in its `kills` ends "fail" in its report. Each run is a fresh
 pytest process (a broken driver may patch reference_impl for its own process), with --peft-timeout so that a hang
@@ -86,16 +86,41 @@ def _verdict(result, req: str) -> str:
     return "yes" if result["statuses"].get(req) == "fail" else f"**no ({result['statuses'].get(req, 'absent')})**"
 
 
+def kept_results(table: Path) -> dict[str, dict]:
+    """The results a committed table shows, by broken driver (its "By broken driver" rows): for `--keep`."""
+    results = {}
+    for line in table.read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        # The bug's description may hold a '|' (||W||); the last three cells never do.
+        head, kills, killed, also = (cell.strip() for cell in line.strip().removesuffix("|").rsplit("|", 3))
+        name = head.removeprefix("|").strip().split("`")[1]
+        failed = sorted({r.strip() for r in f"{kills}, {also}".split(",") if r.strip()} if killed == "yes"
+                        else {r.strip() for r in also.split(",") if r.strip()})
+        if killed in ("yes", "**SURVIVED**"):
+            results[name] = {"name": name, "statuses": {r: "fail" for r in failed}, "failed": failed,
+                             "killed": killed == "yes"}
+        elif killed != "not run":
+            results[name] = {"name": name, "skipped": killed}
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="broken drivers to run (default: all)")
     parser.add_argument("--output", help="write the Markdown table here")
     parser.add_argument("--profile", default="gate", help="hypothesis profile (gate: ci's draws, unshrunk)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the other broken drivers' rows of the existing --output table (after adding some)")
     args = parser.parse_args()
     names = args.names or list(MUTANTS)
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda n: run_one(n, args.profile), names))
+    kept = kept_results(Path(args.output)) if args.keep and args.output and Path(args.output).is_file() else {}
+    for name, result in kept.items():
+        if name in MUTANTS and name not in names:
+            results.append(result)
     for result in results:
         state = result.get("skipped") or result.get("error", "")[:200] or ("killed" if result["killed"] else
                                                                              "SURVIVED")

@@ -1,0 +1,81 @@
+"""MIX: mixed-adapter batches, one adapter per row (model(**inputs, adapter_names=[...]))."""
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from conformance import harness, models
+
+BASE = "__base__"
+ROWS = 4  # two draws of the model's inputs, stacked: four rows
+
+
+def _batch(mine: harness.Adapted) -> dict:
+    """Four rows: the case's inputs and those of the next seed, stacked along the batch dimension."""
+    seeds = (mine.case.inputs_seed, mine.case.inputs_seed + 1)
+    parts = [models.inputs(mine.case.model, seed, mine.device, mine.dtype) for seed in seeds]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def _by_row(model: str, output: torch.Tensor) -> torch.Tensor:
+    """The output with the batch first (question answering stacks start and end logits in front)."""
+    return output.transpose(0, 1) if models.ZOO[model].task_type == "QUESTION_ANS" else output
+
+
+def _forward(adapted: harness.Adapted, inputs: dict, **extra) -> torch.Tensor:
+    with torch.no_grad():
+        return _by_row(adapted.case.model, models.run(adapted.case.model, adapted.model, {**inputs, **extra}))
+
+
+def _case_and_other(run, data):
+    case = run.draw(data, extras=False)
+    # Every adapted layer must see the batch first; GPT-2's position embedding is called with one row.
+    assume("wpe" not in case.config["target_modules"])
+    other = {**case.config, "r": data.draw(st.integers(1, 8), label="other r"),
+             "lora_alpha": data.draw(st.sampled_from([1, 4, 16]), label="other alpha")}
+    run.within_scope(case._replace(config=other), "other")
+    return case, other
+
+
+@pytest.mark.req("LORA-MIX-001")
+@given(data=st.data())
+def test_each_row_uses_its_adapter(run, device, data):
+    case, other = _case_and_other(run, data)
+    names = data.draw(st.lists(st.sampled_from(["default", "other", BASE]), min_size=ROWS, max_size=ROWS),
+                      label="adapter_names")
+    mine = run.adapted(case)
+    values = run.add_second_adapter(mine, other)
+    inputs = _batch(mine)
+    mixed = _forward(mine, inputs, adapter_names=list(names))
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        if name == BASE:
+            with run.impl.disable_adapter(mine.model):
+                alone = _forward(mine, inputs)
+        else:
+            run.impl.set_adapter(mine.model, name)
+            alone = _forward(mine, inputs)
+        run.close(mixed[rows], alone[rows], f"rows {rows} of the batch {names} vs the batch with {name!r} alone")
+    if run.oracle_driver is None:
+        return
+    theirs = run.wrap(case, driver=run.oracle)
+    harness.load(theirs, mine.values)
+    run.add_second_adapter(theirs, other, values)
+    run.close(mixed, _forward(theirs, inputs, adapter_names=list(names)), f"mixed batch {names} vs peft's")
+
+
+@pytest.mark.req("LORA-MIX-002")
+@given(data=st.data())
+def test_bad_adapter_names_are_refused(run, device, data):
+    case, other = _case_and_other(run, data)
+    mine = run.adapted(case)
+    run.add_second_adapter(mine, other)
+    inputs = _batch(mine)
+    run.raises(ValueError, lambda: _forward(mine, inputs, adapter_names=["default", "no-such-adapter", BASE, "other"]),
+               "adapter_names naming an adapter the model does not have")
+    run.raises(ValueError, lambda: _forward(mine, inputs, adapter_names=["other"] * (ROWS - 1)),
+               f"{ROWS - 1} adapter_names for a batch of {ROWS}")
+    mine.model.train()
+    run.raises(ValueError, lambda: _forward(mine, inputs, adapter_names=["other"] * ROWS),
+               "adapter_names in training mode")
