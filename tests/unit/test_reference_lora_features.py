@@ -153,6 +153,21 @@ def save_load_state(wrapped, name: str) -> dict:
     return lib.get_peft_model_state_dict(wrapped, adapter_name=name)
 
 
+def _load_same_values(mine, theirs, initial: dict) -> None:
+    """peft's initial values plus seeded noise, loaded into both."""
+    generator = torch.Generator().manual_seed(1)
+    values = {k: v + 0.1 * torch.randn(v.shape, generator=generator) for k, v in sorted(initial.items())}
+    ref.set_peft_model_state_dict(mine, values)
+    peft.set_peft_model_state_dict(theirs, values)
+
+
+def assert_same_gradients(mine, theirs) -> None:
+    """After backward: every adapter tensor's gradient bit-identical to peft's."""
+    grads = [{k: v.grad for k, v in lib.get_peft_model_state_dict(m, state_dict=m.state_dict(keep_vars=True)).items()}
+             for lib, m in ((ref, mine), (peft, theirs))]
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
 PARAMETER_CONFIGS = {
     "one expert stack": {"target_parameters": ["experts.gate_up_proj"], "r": 2},
     "nested, 2-d and a module": {"target_parameters": ["gate_up_proj", "down_proj", "router.weight"], "r": 3,
@@ -177,18 +192,13 @@ def test_target_parameters_match_peft_bit_for_bit(config, tmp_path):
     initial = [lib.get_peft_model_state_dict(m) for lib, m in ((ref, mine), (peft, theirs))]
     assert sorted(initial[0]) == sorted(initial[1])
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])  # same draws, same order
-    generator = torch.Generator().manual_seed(1)
-    values = {k: v + 0.1 * torch.randn(v.shape, generator=generator) for k, v in sorted(initial[1].items())}
-    ref.set_peft_model_state_dict(mine, values)
-    peft.set_peft_model_state_dict(theirs, values)
+    _load_same_values(mine, theirs, initial[1])
     x = models.inputs("moe", 2)["x"]
     outputs = [m.eval()(x) for m in (mine, theirs)]
     assert torch.equal(*outputs)
     for output in outputs:
         output.square().sum().backward()
-    grads = [{k: v.grad for k, v in lib.get_peft_model_state_dict(m, state_dict=m.state_dict(keep_vars=True)).items()}
-             for lib, m in ((ref, mine), (peft, theirs))]
-    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert_same_gradients(mine, theirs)
     assert mine.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     mine.save_pretrained(tmp_path / "mine")
     theirs.save_pretrained(tmp_path / "theirs")
@@ -283,18 +293,13 @@ def test_multihead_attention_matches_peft(config, tmp_path):
     assert sorted(initial[0]) == sorted(initial[1])
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])  # out_proj drawn twice, as in peft
     assert [n for n, _ in mine.named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    generator = torch.Generator().manual_seed(1)
-    values = {k: v + 0.1 * torch.randn(v.shape, generator=generator) for k, v in sorted(initial[1].items())}
-    ref.set_peft_model_state_dict(mine, values)
-    peft.set_peft_model_state_dict(theirs, values)
+    _load_same_values(mine, theirs, initial[1])
     x = models.inputs("attention-net", 2)["x"]
     outputs = [m.eval()(x) for m in (mine, theirs)]
     assert torch.equal(*outputs)  # peft's factor 2 on out_proj included
     for output in outputs:
         output.square().sum().backward()
-    grads = [{k: v.grad for k, v in lib.get_peft_model_state_dict(m, state_dict=m.state_dict(keep_vars=True)).items()}
-             for lib, m in ((ref, mine), (peft, theirs))]
-    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert_same_gradients(mine, theirs)
     assert mine.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     with pytest.raises(TypeError, match="does not support mixed adapter batches"):
         mine(x, adapter_names=["default", "other"])
