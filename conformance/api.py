@@ -59,12 +59,18 @@ CAPABILITIES = {
     "unload": "unload() without merging",
     "save_load": "save / load in peft's directory format",
     "cuda": "runs on CUDA devices",
+    # Methods besides LoRA, chosen by the config's peft_type (a driver without them sees only LoRA configs).
+    "ia3": "IA3 (peft_type 'IA3'): learned vectors rescaling activations",
+    "loha": "LoHa (peft_type 'LOHA'): a Hadamard product of two low-rank products",
+    "lokr": "LoKr (peft_type 'LOKR'): a Kronecker product of two factors",
 }
 
 
 @runtime_checkable
 class Driver(Protocol):
-    """The members a driver provides. `model(**inputs)` (the model's own __call__) is the forward pass."""
+    """The members a driver provides. `model(**inputs)` (the model's own __call__) is the forward pass. A config
+    dict's "peft_type" names the method ("LORA" when absent; "IA3", "LOHA", "LOKR" for a driver declaring them),
+    its other keys are that method's peft config fields."""
 
     name: str
     version: str
@@ -150,6 +156,7 @@ BUILTIN_DRIVERS = {
     "loralib": "conformance.drivers.loralib:LoralibDriver",
     "torchtune": "conformance.drivers.torchtune:TorchtuneDriver",
     "mlx": "conformance.drivers.mlx:MlxDriver",
+    "lycoris": "conformance.drivers.lycoris:LycorisDriver",
 }
 
 

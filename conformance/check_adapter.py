@@ -103,6 +103,9 @@ def _directory_base(folder: Path) -> Base:
     return Base(f"{folder} (config only, on the meta device)", on_meta, None)
 
 
+# Methods reference_impl implements besides LoRA, whose files this LoRA checker does not judge.
+OTHER_METHODS = ("IA3", "LOHA", "LOKR")
+
 def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Report:
     report = Report()
     directory = Path(directory)
@@ -148,6 +151,11 @@ def _check_config(directory: Path, report: Report) -> Optional[LoraConfig]:
         return None
     if not isinstance(raw, dict):
         report.add("error", "config.json", f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return None
+    if raw.get("peft_type") in OTHER_METHODS:
+        report.add("error", "config.method", f"{path}: a {raw['peft_type']} adapter; check-adapter checks LoRA "
+                   "adapters only (reference_impl and the suite cover IA3, LoHa and LoKr: load it with "
+                   "reference_impl.PeftModel.from_pretrained, or run the suite with a driver)")
         return None
     for key in ("alpha", "scale", "lora_scale", "scaling"):
         if key in raw:

@@ -10,7 +10,8 @@
 
 `where` picks tests and axes exactly. `when` is a predicate over the drawn case, for a requirement that fails on
 some draws and holds on others: `model` (a zoo name or a list of them), `targets` (any of these names among the
-case's target_modules), or any LoraConfig field (a value, or a list of accepted values).
+case's target_modules), or any config field of a method (LoraConfig, IA3Config, ...: a value, or a list of accepted
+values).
 
 Strict where the scope is exact: an entry whose `where` matches no test that ran fails the run, and a "fail" entry
 without `when` whose test passes fails the run. With `when`, a failure in a drawn case inside the predicate is
@@ -33,7 +34,7 @@ else:  # pragma: no cover
 
 STATUSES = ("fail", "flaky", "tolerance")
 WHERE_KEYS = ("test", "id", "device", "dtype")  # id: the test's name with its parameters, "test_x[r=0]"
-CASE_KEYS = ("model", "targets")  # besides LoraConfig fields
+CASE_KEYS = ("model", "targets")  # besides config fields
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Expectations:
 
 def load(path: str) -> Expectations:
     """Read and validate an expectations file; every problem names the entry and the field."""
-    from reference_impl.config import LoraConfig  # the field names a `when` predicate may use
+    from reference_impl import METHODS  # the field names a `when` predicate may use
 
     source = Path(path)
     if not source.is_file():
@@ -110,7 +111,7 @@ def load(path: str) -> Expectations:
     unknown_top = set(raw) - {"expect"}
     if unknown_top:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown_top)}; entries go in [[expect]] tables")
-    case_keys = set(CASE_KEYS) | set(LoraConfig.__dataclass_fields__)
+    case_keys = set(CASE_KEYS) | {f for m in METHODS.values() for f in m.config_class.__dataclass_fields__}
     entries = []
     for number, item in enumerate(raw.get("expect", []), start=1):
         where = f"{path}, entry {number}"
@@ -128,7 +129,7 @@ def load(path: str) -> Expectations:
             raise ValueError(f"{where}: where-keys {sorted(bad_where)}; expected some of {WHERE_KEYS}")
         bad_when = set(item.get("when", {})) - case_keys
         if bad_when:
-            raise ValueError(f"{where}: when-keys {sorted(bad_when)}; expected model, targets or LoraConfig fields")
+            raise ValueError(f"{where}: when-keys {sorted(bad_when)}; expected model, targets or config fields")
         if item["status"] == "tolerance" and not ("rtol" in item and "atol" in item):
             raise ValueError(f"{where}: status 'tolerance' needs rtol and atol")
         entries.append(Entry(item["req"], item["status"], item["reason"], dict(item.get("where", {})),

@@ -58,9 +58,13 @@ def _from_keys(keys: list[str], metadata: dict, file: str) -> Optional[Foreign]:
         return Foreign("kohya-ss (sd-scripts / A1111 / ComfyUI)",
                        f"{file} holds lora_down / lora_up / .alpha tensors such as {sample!r}",
                        "diffusers reads it (load_lora_weights); its alpha is per module, and peft has no reader for it")
-    if any(part in k for k in keys for part in ("hada_w1_a", "lokr_w1", "lokr_w2", ".hada_", "lycoris_")):
+    if any(part in k for k in keys if not k.startswith(PREFIX)  # peft's own LoHa / LoKr files use the same names
+           for part in ("hada_w1_a", "lokr_w1", "lokr_w2", ".hada_", "lycoris_")):
         return Foreign("LyCORIS (LoHa / LoKr)", f"{file} holds tensors such as {sample!r}",
-                       "peft has LoHa and LoKr of its own, with other key names; convert the tensors by name")
+                       f"peft's LoHa and LoKr use the same tensor names under '{PREFIX}<module path>.' instead of "
+                       "'lycoris_<path with _>.'; each module's 'alpha' tensor goes into adapter_config.json "
+                       "(alpha, alpha_pattern), and LyCORIS' departures (docs/method-findings.md) apply; "
+                       "conformance/drivers/lycoris.py does the mapping")
     if "lora_adapter_metadata" in metadata or any(k.startswith(("unet.", "transformer.", "text_encoder."))
                                                   and ".lora" in k for k in keys):
         return Foreign("diffusers", f"{file} is keyed {sample!r} without '{PREFIX}'",

@@ -39,6 +39,9 @@ FEATURES = {
 def features(config: dict, adapter_name: str = "default") -> set[str]:
     """The capabilities a config's non-default values need."""
     needed = {capability for key, (capability, used) in FEATURES.items() if key in config and used(config[key])}
+    method = config.get("peft_type", "LORA")
+    if method != "LORA":  # a method's own fields need nothing more than the method: its tests draw them
+        needed.add(method.lower())
     return needed | ({"multi_adapter"} if adapter_name != "default" else set())
 
 
@@ -60,12 +63,13 @@ def layer_kind(module: nn.Module) -> Optional[str]:
 
 def targeted(model: nn.Module, config: dict) -> dict[str, nn.Module]:
     """The modules `config` adapts in `model`, by peft's matching rules (as reference_impl applies them)."""
-    from reference_impl import LoraConfig
+    from reference_impl import METHODS
     from reference_impl.targeting import is_excluded, matches_target, resolve_targets
 
-    fields = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
-    resolved = LoraConfig(**fields)
-    resolve_targets(model, resolved)
+    method = METHODS[config.get("peft_type", "LORA")]
+    fields = {k: v for k, v in config.items() if k in method.config_class.__dataclass_fields__}
+    resolved = method.config_class(**fields)
+    resolve_targets(model, resolved, method.default_targets)
     return {name: module for name, module in model.named_modules()
             if name and matches_target(name, resolved) and not is_excluded(name, resolved)}
 
@@ -99,9 +103,9 @@ def out_of_scope(driver, model: nn.Module, config: dict, adapter_name: str = "de
 
 
 @lru_cache(maxsize=None)
-def _probe(driver, model_name: str, target: str) -> Optional[str]:
+def _probe(driver, model_name: str, target: str, method: str = "LORA") -> Optional[str]:
     model = models.build(model_name)
-    config = {"target_modules": [target]}
+    config = {"target_modules": [target]} if method == "LORA" else {"peft_type": method, "target_modules": [target]}
     try:
         if not targeted(model, config):
             return f"{model_name} has no module named {target!r}"
@@ -110,11 +114,11 @@ def _probe(driver, model_name: str, target: str) -> Optional[str]:
         return str(error)
 
 
-def targets_in_scope(driver, model_name: str, kinds: Optional[set] = None) -> list[str]:
-    """The zoo model's target names, of the given layer kinds, that the driver runs on their own."""
+def targets_in_scope(driver, model_name: str, kinds: Optional[set] = None, method: str = "LORA") -> list[str]:
+    """The zoo model's target names, of the given layer kinds, that the driver runs on their own (with `method`)."""
     zoo = models.ZOO[model_name]
     names = {name for kind, names in zoo.targets.items() if kinds is None or kind in kinds for name in names}
-    return sorted(name for name in names if _probe(driver, model_name, name) is None)
+    return sorted(name for name in names if _probe(driver, model_name, name, method) is None)
 
 
 def models_in_scope(driver, kinds: Optional[set] = None, single_layer: Optional[bool] = None) -> list[str]:

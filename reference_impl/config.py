@@ -7,7 +7,7 @@ Reference: peft 0.21.2 `tuners/lora/config.py` and `config.py` (facts only; see 
 
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from . import config_checks
 
@@ -40,8 +40,75 @@ PEFT_ONLY_FIELDS: dict[str, Any] = {
 Targets = Union[str, list[str], set[str], tuple[str, ...], None]
 
 
+class ConfigFile:
+    """adapter_config.json for a config dataclass of any method: its fields plus `peft_only_fields`, sorted.
+    Spec: LORA-SER-003, LORA-LOAD-006, LORA-CFG-008, IA3-SER-001, LOHA-SER-001, LOKR-SER-001."""
+
+    # Fields of peft's config for features this package does not implement: written with peft's defaults so that
+    # the file has exactly peft's keys, and any other value refused on load.
+    peft_only_fields: ClassVar[dict[str, Any]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of adapter_config.json: sets as sorted lists, keys sorted."""
+        out = {**self.peft_only_fields, **asdict(self)}
+        for key, value in out.items():
+            if isinstance(value, set):
+                out[key] = sorted(value)
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], ignore_unknown_keys: bool = False):
+        """Build a config from adapter_config.json content. A key no peft release we know writes is an error
+        (peft warns and ignores it) unless ignore_unknown_keys. Spec: LORA-LOAD-006, LORA-CFG-008, LORA-ERR-002."""
+        own_type = cls.__dataclass_fields__["peft_type"].default
+        if data.get("peft_type", own_type) != own_type:
+            raise ValueError(f"peft_type is {data['peft_type']!r}; {cls.__name__} reads only {own_type!r}")
+        known = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            if key in cls.peft_only_fields and value != cls.peft_only_fields[key]:
+                raise ValueError(
+                    f"{key}={value!r} selects a peft feature this implementation does not have; "
+                    f"it supports only {key}={cls.peft_only_fields[key]!r}"
+                )
+        unknown = sorted(set(data) - known - set(cls.peft_only_fields))
+        if unknown and not ignore_unknown_keys:
+            raise ValueError(f"unknown keys {unknown} (not a {cls.__name__} field of peft "
+                             f"{PEFT_SPEC_VERSION}); peft would ignore them: pass ignore_unknown_keys=True to do so")
+        if unknown:
+            warnings.warn(f"adapter_config.json: ignoring unknown keys {unknown}", UserWarning, stacklevel=2)
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
 @dataclass
-class LoraConfig:
+class TunerConfig(ConfigFile):
+    """The fields of peft's PeftConfig and the targeting fields, for the methods other than LoRA (ia3.py, loha.py,
+    lokr.py); each adds its own and sets peft_type. The same meaning and defaults as in LoraConfig."""
+
+    target_modules: Targets = None  # names, one regex, "all-linear" or None (the architecture's default)
+    exclude_modules: Targets = None  # modules never adapted, by the same rules
+    modules_to_save: Optional[list[str]] = None  # modules trained and saved in full
+    task_type: Optional[str] = None  # one of peft_format.TASK_TYPES
+    inference_mode: bool = False  # written True by save_pretrained
+    base_model_name_or_path: Optional[str] = None  # where the base came from (informational)
+    revision: Optional[str] = None  # the base model's revision (informational)
+    auto_mapping: Optional[dict] = None  # peft's record of a custom model class (informational)
+    peft_version: str = f"{PEFT_SPEC_VERSION}@reference_impl"  # "<release>@<producer>", as in LoraConfig
+
+    def check_and_convert(self) -> None:
+        """The shared checks, then name lists as sets (as peft keeps them)."""
+        config_checks.check_shared_types(self)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), (list, tuple, set)):
+                setattr(self, name, set(getattr(self, name)))
+        config_checks.check_shared_values(self)
+
+    @property
+    def is_regex_target(self) -> bool:
+        return isinstance(self.target_modules, str)
+
+
+@dataclass
+class LoraConfig(ConfigFile):
     """The LoRA hyper-parameters, named and defaulted exactly as peft names them.
 
     Spec: LORA-CFG-001 (defaults), LORA-CFG-002 (validation), LORA-CFG-003 (task_type).
@@ -77,6 +144,8 @@ class LoraConfig:
     # "<release>@<producer>" is peft's own spelling for "not exactly this release" (peft config.py, dev builds).
     peft_version: str = f"{PEFT_SPEC_VERSION}@reference_impl"
 
+    peft_only_fields: ClassVar[dict[str, Any]] = PEFT_ONLY_FIELDS
+
     def __post_init__(self):
         """The boundary where bad values stop (config_checks.py): nothing later re-checks them."""
         config_checks.check_types(self)
@@ -92,32 +161,3 @@ class LoraConfig:
     @property
     def is_regex_target(self) -> bool:
         return isinstance(self.target_modules, str)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The content of adapter_config.json: peft's 41 keys, sets as sorted lists. Spec: LORA-SER-003."""
-        out = {**PEFT_ONLY_FIELDS, **asdict(self)}
-        for key, value in out.items():
-            if isinstance(value, set):
-                out[key] = sorted(value)
-        return dict(sorted(out.items()))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], ignore_unknown_keys: bool = False) -> "LoraConfig":
-        """Build a config from adapter_config.json content. A key no peft release we know writes is an error
-        (peft warns and ignores it) unless ignore_unknown_keys. Spec: LORA-LOAD-006, LORA-CFG-008, LORA-ERR-002."""
-        if data.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"peft_type is {data['peft_type']!r}; only 'LORA' is supported")
-        known = {f.name for f in fields(cls)}
-        for key, value in data.items():
-            if key in PEFT_ONLY_FIELDS and value != PEFT_ONLY_FIELDS[key]:
-                raise ValueError(
-                    f"{key}={value!r} selects a peft feature outside plain LoRA; "
-                    f"this implementation supports only {key}={PEFT_ONLY_FIELDS[key]!r}"
-                )
-        unknown = sorted(set(data) - known - set(PEFT_ONLY_FIELDS))
-        if unknown and not ignore_unknown_keys:
-            raise ValueError(f"unknown keys {unknown} (not a LoraConfig field of peft "
-                             f"{PEFT_SPEC_VERSION}); peft would ignore them: pass ignore_unknown_keys=True to do so")
-        if unknown:
-            warnings.warn(f"adapter_config.json: ignoring unknown keys {unknown}", UserWarning, stacklevel=2)
-        return cls(**{key: value for key, value in data.items() if key in known})

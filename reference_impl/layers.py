@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora, mixed_batch
+from .adapter_layer import AdapterLayer
 from .config import LoraConfig
 from .merging import Merging
 from .peft_format import is_conv1d, scaling
 
 
-class LoraLayer(Merging, nn.Module):
+class LoraLayer(Merging, AdapterLayer):
     """A base layer and its adapters. forward() is the formula; the layer types (Linear, Conv, Embedding) supply
     the hooks declared below it: how factors are built and stored, how an adapter's output is added, and what the
     delta weight B A looks like in the base weight's layout."""
@@ -107,32 +108,18 @@ class LoraLayer(Merging, nn.Module):
 
     # --- adapter bookkeeping -----------------------------------------------------------------------------------
     def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Module]):
-        super().__init__()
+        super().__init__(base_layer)
         # Registered in peft's order, so that named_parameters() lists the same names in the same order
         # (optimizer checkpoints index parameters by position). LORA-KEYS-009.
-        self.base_layer = base_layer
         self.lora_dropout = nn.ModuleDict()
         for name, container in factors.items():
             setattr(self, name, container)
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA only: adapter name -> dora.Magnitude
         self.r, self.lora_alpha, self.scaling, self.lora_bias = {}, {}, {}, {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
         self.dora_merge_norms: dict[str, torch.Tensor] = {}
-        self.disabled = False
-        self.row_adapters: Optional[list[str]] = None  # set during a mixed-adapter batch (mixed_batch.py)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight: model code reads it through the layer (ViT's patch embedding asks
-        `projection.weight.dtype`), as it can in peft. Not a parameter of this module."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        """The base layer's bias, for model code that reads it through the layer (torch's attention reads
-        `out_proj.bias`), as it can in peft. Not a parameter of this module."""
-        return self.base_layer.bias
+    def has_adapter(self, name: str) -> bool:
+        return name in self.r
 
     def _add_settings(self, name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
         """Rank, scaling and dropout of a new adapter. Spec: LORA-FWD-002 (scaling), LORA-FWD-004 (dropout)."""

@@ -1,7 +1,9 @@
 """Putting adapters into a model, and taking them out: injection, trainability, merge and unload, adapters.
 
+For every method (methods.py): the method decides which layer a targeted module becomes and how an adapter is
+added to it; everything else here is the same for LoRA, IA3, LoHa and LoKr.
 Spec areas: MATCH (which modules), PARAM (what trains, counts), MERGE/UNLOAD, MULTI (several adapters).
-Injection is in place: the caller's model object gets the LoRA layers, and the base layers inside them are the
+Injection is in place: the caller's model object gets the adapter layers, and the base layers inside them are the
 caller's own modules, not copies (LORA-UNLOAD-002).
 """
 
@@ -12,8 +14,10 @@ from typing import Iterator, Optional
 from torch import nn
 
 from . import mixed_batch, parameters, trainable_tokens, weighted
+from .adapter_layer import AdapterLayer
 from .config import LoraConfig
-from .layers import LoraLayer, make_lora_layer, warn_fan_in_fan_out
+from .layers import LoraLayer
+from .methods import method_of
 from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from .targeting import (EMBEDDING_NAMES, is_excluded, matches_target, no_match_error, pattern_value, resolve_targets,
                         unmatched_pattern_keys)
@@ -24,12 +28,12 @@ def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
-class LoraModel(nn.Module):
-    """The user's model (`self.model`) with LoRA layers in it, and the adapters' configs by name.
+class TunerModel(nn.Module):
+    """The user's model (`self.model`) with adapter layers in it, and the adapters' configs by name.
 
     peft nests it as `PeftModel.base_model`, so parameter names start with peft_format.PREFIX."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", upcast_half=True,
+    def __init__(self, model: nn.Module, config, adapter_name: str = "default", upcast_half=True,
                  initialize: bool = True):
         super().__init__()
         self.model = model
@@ -48,12 +52,15 @@ class LoraModel(nn.Module):
         none). Spec: LORA-MIX-001, LORA-MIX-002."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
+        if self.peft_type != "LORA":
+            raise ValueError(f"adapter_names (a mixed-adapter batch) is supported for LoRA only, not {self.peft_type}")
         wrappers = [*self.wrappers(), *self.token_wrappers()]
-        with mixed_batch.per_row(self, adapter_names, [m for _, m in self.lora_layers()], wrappers):
+        with mixed_batch.per_row(self, adapter_names, [m for _, m in self.adapter_layers()], wrappers):
             return self.model(*args, **kwargs)
 
-    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer))
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """(path, layer) of every adapter layer: LoRA's, or those of the model's other method."""
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, AdapterLayer))
 
     def wrappers(self) -> Iterator[ModulesToSaveWrapper]:
         return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
@@ -61,19 +68,24 @@ class LoraModel(nn.Module):
     def token_wrappers(self) -> Iterator[trainable_tokens.TokenWrapper]:
         return (m for m in self.model.modules() if isinstance(m, trainable_tokens.TokenWrapper))
 
-    def inject(self, config: LoraConfig, adapter_name: str, initialize: bool = True) -> None:
+    def inject(self, config, adapter_name: str, initialize: bool = True) -> None:
         """Add adapter `adapter_name` to every targeted module, in `named_modules()` order (the order in which
         peft draws initial values); initialize=False when values are about to be loaded (zeros, no RNG draws).
         Spec: LORA-MATCH-001..008, LORA-INIT-003."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
-        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+        if any(c.peft_type != config.peft_type for c in self.peft_config.values()):
+            raise ValueError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and "
+                             f"{config.peft_type}.")
+        if bias_mode(config) != "none" and any(bias_mode(c) != "none" for c in self.peft_config.values()):
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
                              "set bias to 'none' for all adapters.")
         config = copy.deepcopy(config)  # peft edits the caller's config in place; we edit a copy (LORA-CFG-007)
-        resolve_targets(self.model, config)
+        method = method_of(config)
+        resolve_targets(self.model, config, method.default_targets)
+        method.prepare(self.model, config)
         names = [name for name, _ in self.model.named_modules()]
-        inside_lora = {f"{path}.{sub}" for path, layer in self.lora_layers() for sub, _ in layer.named_modules()}
+        inside_lora = {f"{path}.{sub}" for path, layer in self.adapter_layers() for sub, _ in layer.named_modules()}
         targeted, excluded = [], 0
         for name in names:
             if not name or name in inside_lora:
@@ -85,11 +97,12 @@ class LoraModel(nn.Module):
                 continue
             self._add_to_module(name, config, adapter_name, initialize)
             targeted.append(name)
-        if config.target_parameters:
+        if getattr(config, "target_parameters", None):
             targeted += self._add_to_parameters(config, adapter_name, initialize)
         if not targeted:
             raise no_match_error(config, names, excluded)
-        for label, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for label in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(config, label, {})
             if unmatched := unmatched_pattern_keys(patterns, targeted):
                 warnings.warn(f"The following {label} keys did not match any targeted module and were ignored: "
                               f"{unmatched}.", RuntimeWarning)
@@ -100,27 +113,19 @@ class LoraModel(nn.Module):
                           "adapter: merging it changes the input and the output embedding together.")
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
-        if config.trainable_token_indices:
+        if getattr(config, "trainable_token_indices", None):
             trainable_tokens.wrap_trainable_tokens(self.model, config.trainable_token_indices, adapter_name,
                                                    config.modules_to_save)
         self.targeted_module_names += [n for n in targeted if n not in self.targeted_module_names]
         self.peft_config[adapter_name] = config
 
-    def _add_to_module(self, name: str, config: LoraConfig, adapter_name: str, initialize: bool) -> None:
+    def _add_to_module(self, name: str, config, adapter_name: str, initialize: bool) -> None:
+        method = method_of(config)
         module = self.model.get_submodule(name)
-        if not isinstance(module, LoraLayer):
-            base = module
-            module = make_lora_layer(base)
-            if module is None:
-                raise ValueError(f"Target module {name} ({type(base).__name__}) is not supported. Currently, only "
-                                 "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
-                                 "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D` and "
-                                 "`torch.nn.MultiheadAttention` are supported.")
+        if not isinstance(module, AdapterLayer):
+            module = method.make_layer(module, name, config)
             _swap(self.model, name, module)
-        warn_fan_in_fan_out(module.base_layer, config)
-        r = pattern_value(name, config.rank_pattern, config.r)
-        alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
-        module.add_adapter(adapter_name, r, alpha, config, self.upcast_half, initialize)
+        method.attach(module, adapter_name, name, config, self.upcast_half, initialize)
         module.active_adapters = list(self.active_adapters)
 
     def _add_to_parameters(self, config: LoraConfig, adapter_name: str, initialize: bool) -> list[str]:
@@ -156,7 +161,7 @@ class LoraModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             if layer.merged_adapters:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 layer.unmerge()
@@ -177,11 +182,15 @@ class LoraModel(nn.Module):
         if inference_mode:
             return
         for name in self.active_adapters:
-            for _, tensor in adapter_parameters(self.model, name, self.peft_config[name].bias):
+            for _, tensor in adapter_parameters(self.model, name, bias_mode(self.peft_config[name])):
                 if isinstance(tensor, nn.Parameter):  # not the buffers of modules_to_save copies
                     tensor.requires_grad_(True)
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, initialize: bool = True) -> None:
+    @property
+    def peft_type(self) -> str:
+        return next(iter(self.peft_config.values())).peft_type
+
+    def add_adapter(self, adapter_name: str, config, initialize: bool = True) -> None:
         """A new adapter, inactive and frozen. Spec: LORA-MULTI-001."""
         self.inject(config, adapter_name, initialize=initialize)
         self.set_adapter(self.active_adapters)
@@ -195,11 +204,11 @@ class LoraModel(nn.Module):
         """Spec: LORA-MULTI-003."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+        if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
             raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. "
                              "Please unmerge them first.")
         del self.peft_config[adapter_name]
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for wrapper in self.wrappers():
             wrapper.modules_to_save.pop(adapter_name, None)
@@ -217,7 +226,7 @@ class LoraModel(nn.Module):
             self.active_adapters = []
 
     def set_disabled(self, disabled: bool) -> None:
-        for layer in (*(m for _, m in self.lora_layers()), *self.wrappers(),
+        for layer in (*(m for _, m in self.adapter_layers()), *self.wrappers(),
                       *(w.token_adapter for w in self.token_wrappers())):
             layer.disabled = disabled
 
@@ -227,13 +236,13 @@ class LoraModel(nn.Module):
         """Spec: LORA-MERGE-001, LORA-MERGE-005."""
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             layer.merge(adapter_names, safe_merge)
         for wrapper in self.token_wrappers():
             wrapper.token_adapter.merge(adapter_names if adapter_names is not None else self.active_adapters)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             layer.unmerge()
         for wrapper in self.token_wrappers():
             wrapper.token_adapter.unmerge()
@@ -244,7 +253,7 @@ class LoraModel(nn.Module):
         modules_to_save wrappers give back their active copy, as peft does. Spec: LORA-UNLOAD-001, -002."""
         if merge:
             self.merge_adapter(adapter_names, safe_merge)
-        for path, layer in reversed(list(self.lora_layers())):  # innermost first: parameter layers nest
+        for path, layer in reversed(list(self.adapter_layers())):  # innermost first: parameter layers nest
             _swap(self.model, path, layer.base_layer)
         for path, wrapper in [(p, m) for p, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
             _swap(self.model, path, wrapper.active_module())
@@ -272,12 +281,18 @@ def untie_if_diverged(model: nn.Module) -> None:
 
 
 
+def bias_mode(config) -> str:
+    """Which biases an adapter trains: LoRA's `bias` field; the other methods train none."""
+    return getattr(config, "bias", "none")
+
+
 def adapter_parameters(model: nn.Module, name: str, bias: str = "none") -> Iterator[tuple[str, nn.Parameter]]:
-    """(path, tensor) for all that adapter `name` trains and saves: the LoRA factors (and DoRA magnitude),
+    """(path, tensor) for all that adapter `name` trains and saves: its layers' tensors (LoRA's factors and DoRA
+    magnitude, IA3's vectors, LoHa's and LoKr's factors),
     its modules_to_save copies (with their buffers) and, with `bias`, the biases.
     Spec: LORA-KEYS-001..006, LORA-PARAM-004."""
     for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) and name in module.r:
+        if isinstance(module, AdapterLayer) and module.has_adapter(name):
             yield from ((f"{path}.{suffix}", p) for suffix, p in module.adapter_tensors(name).items())
         elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
             yield from ((f"{path}.{suffix}", p) for suffix, p in module.adapter_tensors(name).items())
@@ -290,5 +305,5 @@ def adapter_parameters(model: nn.Module, name: str, bias: str = "none") -> Itera
     elif bias == "lora_only":  # the biases of the layers this adapter adapts
         for path, module in model.named_modules():
             bias_ = getattr(module.base_layer, "bias", None) if isinstance(module, LoraLayer) else None
-            if bias_ is not None and name in module.r:
+            if bias_ is not None and module.has_adapter(name):
                 yield f"{path}.base_layer.bias", bias_

@@ -1,5 +1,6 @@
 """The user-facing wrapper, shaped like peft's: get_peft_model, PeftModel (save, load, counts, adapters) and
-inject_adapter_in_model for integrations that want adapters without a wrapper.
+inject_adapter_in_model for integrations that want adapters without a wrapper. The config's class picks the
+method (LoraConfig, IA3Config, LoHaConfig, LoKrConfig: methods.py).
 
 Spec areas: PARAM (counts), SER (save_pretrained), LOAD (from_pretrained, load_adapter), MULTI.
 """
@@ -14,7 +15,7 @@ from torch import nn
 
 from . import peft_format, save_load
 from .config import LoraConfig
-from .model import LoraModel
+from .model import TunerModel
 
 
 def with_task_heads(config: LoraConfig, task_type: Optional[str]) -> LoraConfig:
@@ -38,7 +39,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", initialize: bool = True):
         super().__init__()
         self.task_type = config.task_type
-        self.base_model = LoraModel(model, with_task_heads(config, self.task_type), adapter_name,
+        self.base_model = TunerModel(model, with_task_heads(config, self.task_type), adapter_name,
                                     initialize=initialize)
 
     def forward(self, *args, **kwargs):
@@ -98,7 +99,7 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Inside the block the model computes as the base model. On exit the active adapters become trainable
         again, even one loaded frozen, as in peft 0.21.2 (peft_model.py:1022-1077). Spec: LORA-FWD-007."""
-        if any(self.peft_config[a].bias != "none" for a in self.base_model.active_adapters):
+        if any(getattr(self.peft_config[a], "bias", "none") != "none" for a in self.base_model.active_adapters):
             warnings.warn("Careful, disabling adapter layers with bias configured to be 'all' does not produce "
                           "the same output as the base model would without adaption.")
         self.base_model.set_disabled(True)
@@ -221,6 +222,6 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Add LoRA layers to `model` without a wrapper; the adapters stay half precision if the base is. Saved keys
     have no peft_format.PREFIX. Spec: LORA-KEYS-004."""
-    lora_model = LoraModel(model, peft_config, adapter_name, upcast_half=False)
-    model.peft_config = lora_model.peft_config
+    tuner = TunerModel(model, peft_config, adapter_name, upcast_half=False)
+    model.peft_config = tuner.peft_config
     return model

@@ -1,7 +1,7 @@
 """peft's adapter format: which tensors are saved under which keys, and the two files of an adapter directory.
 
     adapter_model.safetensors   keys PREFIX + "<module path>.lora_A.weight", ..., metadata {"format": "pt"}
-    adapter_config.json         the LoraConfig, 41 keys, sorted, indented by 2
+    adapter_config.json         the config (LoraConfig: 41 keys), sorted, indented by 2
 
 Spec areas: KEYS, SER, LOAD. The adapter name never appears in a saved key (LORA-KEYS-001); a non-default
 adapter is saved in a subfolder named after it (LORA-SER-004).
@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoraConfig
-from .layers import LoraLayer
-from .model import LoraModel, adapter_parameters
+from .adapter_layer import AdapterLayer
+from .methods import config_from_dict
+from .model import TunerModel, adapter_parameters, bias_mode
 from .peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME
 from .targeting import EMBEDDING_NAMES
 
@@ -33,7 +33,7 @@ class IncompatibleKeys(NamedTuple):
 
 def _adapter_owner(model: nn.Module) -> tuple[dict, str]:
     """(peft_config, key prefix): a PeftModel's keys start with PREFIX, an injected model's don't."""
-    if isinstance(getattr(model, "base_model", None), LoraModel):
+    if isinstance(getattr(model, "base_model", None), TunerModel):
         return model.base_model, PREFIX
     if hasattr(model, "peft_config"):
         return model, ""
@@ -47,11 +47,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         raise ValueError(f"Adapter {adapter_name!r} not found; adapters: {sorted(owner.peft_config)}")
     inner = owner.model if prefix else owner
     config = owner.peft_config[adapter_name]
-    tensors = {prefix + path: p for path, p in adapter_parameters(inner, adapter_name, config.bias)}
+    tensors = {prefix + path: p for path, p in adapter_parameters(inner, adapter_name, bias_mode(config))}
     return tensors | {prefix + path: p for path, p in saved_embeddings(inner, config)}
 
 
-def _targets_embeddings(model: nn.Module, config: LoraConfig) -> bool:
+def _targets_embeddings(model: nn.Module, config) -> bool:
     """Does target_modules name embed_tokens or lm_head? Literally, for a list; for a regex, by matching a module
     whose name ends in one of them. GPT-2's 'wte' is not such a name."""
     targets = config.target_modules
@@ -62,7 +62,7 @@ def _targets_embeddings(model: nn.Module, config: LoraConfig) -> bool:
     return any(name in (targets or ()) for name in EMBEDDING_NAMES)
 
 
-def saved_embeddings(model: nn.Module, config: LoraConfig):
+def saved_embeddings(model: nn.Module, config):
     """(path, tensor) of the base weights peft saves beside an adapter that targets embed_tokens or lm_head: those
     of the model's input and output embeddings that carry LoRA, as '<path>.base_layer.weight'. They are frozen base
     weights, saved so that a resized vocabulary travels with the adapter. Spec: LORA-KEYS-010."""
@@ -70,7 +70,7 @@ def saved_embeddings(model: nn.Module, config: LoraConfig):
         return
     paths = {id(module): path for path, module in model.named_modules()}
     for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if isinstance(layer, LoraLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+        if isinstance(layer, AdapterLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
             path = paths[id(layer)]
             yield from ((f"{path}.base_layer.{name}", p) for name, p in layer.base_layer.named_parameters())
 
@@ -124,7 +124,7 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> 
     config_tmp = directory / f".{CONFIG_NAME}.{os.getpid()}.tmp"
     try:
         save_file(tensors, weights_tmp, metadata={"format": "pt"})
-        # Top-level keys come sorted (LoraConfig.to_dict); nested ones keep their order. peft sorts those too, which
+        # Top-level keys come sorted (ConfigFile.to_dict); nested ones keep their order. peft sorts those too, which
         # reorders rank_pattern / alpha_pattern and so changes which key wins when the file is loaded. LORA-SER-006.
         config_tmp.write_text(json.dumps(config, indent=2))
         (directory / CONFIG_NAME).unlink(missing_ok=True)
@@ -140,7 +140,7 @@ def module_path(key: str) -> str:
     return key.split(".lora_")[0] if ".lora_" in key else key.rpartition(".")[0]
 
 
-def read_config(directory, ignore_unknown_keys: bool = False) -> LoraConfig:
+def read_config(directory, ignore_unknown_keys: bool = False):
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} here; an adapter directory holds {CONFIG_NAME} and "
@@ -152,7 +152,7 @@ def read_config(directory, ignore_unknown_keys: bool = False) -> LoraConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     try:
-        return LoraConfig.from_dict(data, ignore_unknown_keys)
+        return config_from_dict(data, ignore_unknown_keys)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
 

@@ -54,7 +54,7 @@ def matches_target(name: str, config: LoraConfig) -> bool:
         return True
     if not matches_names(name, targets):
         return False
-    wanted = config.layers_to_transform
+    wanted = getattr(config, "layers_to_transform", None)  # IA3 has no layer fields
     if wanted is None or wanted == []:
         return True
     index = layer_index(name, config.layers_pattern)
@@ -89,17 +89,19 @@ def unmatched_pattern_keys(patterns: dict, targeted: list[str]) -> list[str]:
     return [key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", name) for name in targeted)]
 
 
-def resolve_targets(model: nn.Module, config: LoraConfig) -> None:
+def resolve_targets(model: nn.Module, config: LoraConfig, defaults: Optional[dict] = None) -> None:
     """Turn "all-linear" and None into explicit names, in the config (as peft saves them), then shorten a long
-    name list. Spec: LORA-MATCH-004, LORA-MATCH-008, LORA-MATCH-011."""
+    name list. `defaults`: the method's targets per model type (LoRA's when None). Spec: LORA-MATCH-004,
+    LORA-MATCH-008, LORA-MATCH-011."""
+    defaults = DEFAULT_TARGETS if defaults is None else defaults
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         config.target_modules = all_linear_names(model)
-    elif config.target_modules is None and not config.target_parameters:
+    elif config.target_modules is None and not getattr(config, "target_parameters", None):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        if model_type not in defaults:
             raise ValueError("Please specify `target_modules` in the LoRA config: "
                              f"there is no default for model type {model_type!r}")
-        config.target_modules = set(DEFAULT_TARGETS[model_type])
+        config.target_modules = set(defaults[model_type])
     if isinstance(config.target_modules, set) and len(config.target_modules) >= 20:
         shorter = shortest_separating_suffixes(config.target_modules, [n for n, _ in model.named_modules()])
         if len(shorter) < len(config.target_modules):
@@ -147,9 +149,9 @@ def no_match_error(config: LoraConfig, module_names: list[str], excluded: int) -
     else:
         targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
         message = f"Target modules {targets!r} not found in the base model. Please check the target modules."
-        if config.layers_to_transform is not None:
+        if getattr(config, "layers_to_transform", None) is not None:
             message += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
-        if config.layers_pattern is not None:
+        if getattr(config, "layers_pattern", None) is not None:
             message += f" You also specified 'layers_pattern': {config.layers_pattern}."
     shown = [name for name in module_names if name][:12]
     more = f" (and {len(module_names) - 1 - len(shown)} more)" if len(module_names) - 1 > len(shown) else ""

@@ -33,7 +33,7 @@ def add_weighted_adapter(lora_model, adapters: list[str], weights: list[float], 
     config.r, config.lora_alpha, config.target_modules = rank, rank, targets
     config.rank_pattern, config.alpha_pattern = {}, {}
     lora_model.inject(config, adapter_name)  # draws initial values like any new adapter, then overwritten
-    for _, layer in lora_model.lora_layers():
+    for _, layer in lora_model.adapter_layers():
         if adapter_name not in layer.r:
             continue
         present = [(name, w) for name, w in zip(adapters, weights) if name in layer.r]

@@ -1,5 +1,7 @@
 """What a conformance test claims (its @pytest.mark.req IDs) against what its assertions can be bound to, read from
-the source: a claim no assertion can bind is an over-claim, a requirement credited without being checked."""
+the source: a claim no assertion can bind is an over-claim, a requirement credited without being checked.
+A test parametrized with one requirement per parameter (`pytest.param("IA3", marks=pytest.mark.req(...))`) claims
+each of them, one per item: its unnamed assertions bind to whichever its item claims."""
 
 import ast
 
@@ -14,17 +16,21 @@ def claims_and_bindings(source: str) -> dict[str, tuple[set, set]]:
     for name, node in functions.items():
         if not name.startswith("test_"):
             continue
-        claimed = _claimed(node)
+        claimed, per_item = _claimed(node)
         named, unnamed = _bindings(node, functions, set())
-        out[name] = (claimed, named | (claimed if unnamed and len(claimed) == 1 else set()))
+        out[name] = (claimed, named | (claimed if unnamed and (len(claimed) == 1 or per_item) else set()))
     return out
 
 
-def _claimed(node: ast.FunctionDef) -> set[str]:
+def _claimed(node: ast.FunctionDef) -> tuple[set[str], bool]:
+    """(IDs claimed, whether each parameter of the test claims its own)."""
     for decorator in node.decorator_list:
         if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "req":
-            return {arg.value for arg in decorator.args if isinstance(arg, ast.Constant)}
-    return set()
+            return {arg.value for arg in decorator.args if isinstance(arg, ast.Constant)}, False
+    per_item = {arg.value for decorator in node.decorator_list for call in ast.walk(decorator)
+                if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "req"
+                for arg in call.args if isinstance(arg, ast.Constant)}
+    return per_item, bool(per_item)
 
 
 def _bindings(node, functions: dict, seen: set) -> tuple[set, bool]:

@@ -9,6 +9,9 @@ from torch import nn
 
 from ..api import CAPABILITIES
 
+# The config class of each method, by the peft_type a config dict names; peft and reference_impl share the names.
+CONFIG_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig"}
+
 
 class PeftShapedDriver:
     """Drives `lib` through get_peft_model, PeftModel and the state-dict helpers, as a peft user would."""
@@ -20,11 +23,15 @@ class PeftShapedDriver:
         self.name, self.lib, self.version = name, lib, version
         self._live_state_dict = live_state_dict
 
+    def config(self, config: dict):
+        """The library's config object for a config dict, of the class its peft_type names."""
+        return getattr(self.lib, CONFIG_CLASSES[config.get("peft_type", "LORA")])(**config)
+
     def wrap(self, model: nn.Module, config: dict, adapter_name: str = "default") -> nn.Module:
-        return self.lib.get_peft_model(model, self.lib.LoraConfig(**config), adapter_name=adapter_name)
+        return self.lib.get_peft_model(model, self.config(config), adapter_name=adapter_name)
 
     def add_adapter(self, model: nn.Module, config: dict, adapter_name: str) -> None:
-        model.add_adapter(adapter_name, self.lib.LoraConfig(**config))
+        model.add_adapter(adapter_name, self.config(config))
 
     def set_adapter(self, model: nn.Module, adapter_name: str) -> None:
         model.set_adapter(adapter_name)

@@ -87,6 +87,23 @@ CASE_SPECS = [
              ("LORA-TOK-001", "LORA-TOK-002"), base="qwen2-tied"),
     CaseSpec("multihead-attention", {"r": 4, "lora_alpha": 8, "target_modules": ["attn"]},
              ("LORA-MHA-001", "LORA-MHA-002"), base="attention-net"),
+    # v4: IA3, LoHa and LoKr.
+    CaseSpec("ia3-gpt2-feedforward", {"peft_type": "IA3", "target_modules": ["c_attn", "mlp.c_proj"],
+                                      "feedforward_modules": ["mlp.c_proj"]}, ("IA3-GOLD-001", "IA3-FWD-001")),
+    CaseSpec("ia3-convnet", {"peft_type": "IA3", "target_modules": ["conv1", "conv2", "head"],
+                             "feedforward_modules": ["conv2"]}, ("IA3-GOLD-001", "IA3-FWD-001"), base="convnet"),
+    CaseSpec("loha-llama", {"peft_type": "LOHA", "r": 4, "alpha": 8,
+                            "target_modules": ["q_proj", "v_proj", "down_proj"]}, ("LOHA-GOLD-001", "LOHA-FWD-001"),
+             base="llama"),
+    CaseSpec("loha-convnet-cp", {"peft_type": "LOHA", "r": 2, "alpha": 4, "use_effective_conv2d": True,
+                                 "target_modules": ["conv1", "conv2", "head"]}, ("LOHA-GOLD-001", "LOHA-FWD-002"),
+             base="convnet"),
+    CaseSpec("lokr-llama-decompose-both", {"peft_type": "LOKR", "r": 2, "alpha": 4, "decompose_both": True,
+                                           "target_modules": ["q_proj", "down_proj"]},
+             ("LOKR-GOLD-001", "LOKR-KEYS-001"), base="llama"),
+    CaseSpec("lokr-convnet-cp", {"peft_type": "LOKR", "r": 1, "alpha": 2, "use_effective_conv2d": True,
+                                 "target_modules": ["conv1", "conv2", "head"]}, ("LOKR-GOLD-001", "LOKR-FWD-001"),
+             base="convnet"),
 ]
 
 # Full-size GPT-2 on the meta device: (target_modules, r) -> (trainable, total), recorded from peft.

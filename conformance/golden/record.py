@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from reference_impl.peft_format import adapter_directory
 
 from .. import SPEC_VERSION, harness, models
+from ..drivers.peft_shaped import CONFIG_CLASSES
 from .diff import changes
 from .recipes import CASE_SPECS, COUNT_CONFIGS, CaseSpec
 from .store import COMBINED, LOCK_NAME, SECOND, aliases, fixture_files, read_lock, root, sha256, versions
@@ -51,7 +52,8 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
     import peft
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(spec.config)),
+    config_class = getattr(peft, CONFIG_CLASSES[spec.config.get("peft_type", "LORA")])
+    model = peft.get_peft_model(copy.deepcopy(base), config_class(**copy.deepcopy(spec.config)),
                                 adapter_name=spec.adapter_name)
     seed = zlib.crc32(spec.name.encode())
     peft.set_peft_model_state_dict(model, harness.adapter_values(

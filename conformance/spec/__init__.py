@@ -19,6 +19,8 @@ COMPARISONS = ("exact", "close", "structural")
 SCOPES = ("driver", "reference", "plugin", "consumer")
 DTYPES = ("float32", "bfloat16", "float16")
 HALF_PRECISION_CLASSES = {"bfloat16": "bf16", "float16": "fp16"}
+# The SPEC.md section of each method besides LoRA (whose requirements are grouped by area).
+METHOD_NAMES = {"IA3": "IA3 (other methods)", "LOHA": "LoHa (other methods)", "LOKR": "LoKr (other methods)"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class Requirement:
     @property
     def area(self) -> str:
         return self.id.split("-")[1]
+
+    @property
+    def method(self) -> str:
+        """LORA, IA3, LOHA or LOKR: the PEFT method the requirement is about."""
+        return self.id.split("-")[0]
 
     @property
     def anchor(self) -> str:
@@ -93,7 +100,7 @@ def requirement(req_id: str) -> Requirement:
 
 def render_markdown() -> str:
     """SPEC.md: every requirement by area, with level, comparison, tolerance, source and notes."""
-    lines = ["# LoRA conformance spec (version 1: peft 0.21.x semantics, CPU fp32)", "",
+    lines = ["# LoRA conformance spec, with IA3, LoHa and LoKr (version 1: peft 0.21.x semantics, CPU fp32)", "",
              "Generated from `conformance/spec/requirements.toml` by `peft-conformance spec`; do not edit.", "",
              "Scopes: *driver* requirements are checked for every implementation by `conformance.suite`; "
              "*reference* ones on `reference_impl` by `tests/`; *plugin* ones on the suite itself; *consumer* ones on "
@@ -107,7 +114,7 @@ def render_markdown() -> str:
         lines.append(f"| `{tol.name}` | {tol.rtol or '-'} | {tol.atol or '-'} | {tol.description} |")
     by_area: dict[str, list[Requirement]] = {}
     for req in requirements().values():
-        by_area.setdefault(req.area, []).append(req)
+        by_area.setdefault(req.area if req.method == "LORA" else METHOD_NAMES[req.method], []).append(req)
     for area, reqs in by_area.items():
         lines += ["", f"## {area}", ""]
         for req in reqs:

@@ -13,8 +13,14 @@ from safetensors.torch import load_file
 from conformance import golden, harness, models, scope
 from reference_impl.peft_format import TASK_HEADS, adapter_directory
 
-CASES = golden.cases()
+ALL_CASES = golden.cases()
+CASES = [case for case in ALL_CASES if case.manifest["config"].get("peft_type", "LORA") == "LORA"]
 IDS = [case.id for case in CASES]
+# IA3, LoHa and LoKr cases (v4 on): one test each, claiming the method's GOLD requirement.
+GOLD = {"IA3": pytest.mark.req("IA3-GOLD-001"), "LOHA": pytest.mark.req("LOHA-GOLD-001"),
+        "LOKR": pytest.mark.req("LOKR-GOLD-001")}
+METHOD_CASES = [pytest.param(case, marks=GOLD[case.manifest["config"]["peft_type"]], id=case.id)
+                for case in ALL_CASES if case not in CASES]
 
 
 def _in_scope(run, case: golden.Case) -> None:
@@ -32,7 +38,7 @@ def _output(model, case: golden.Case) -> torch.Tensor:
 
 
 @pytest.mark.req("LORA-GOLD-001")
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ALL_CASES, ids=[case.id for case in ALL_CASES])
 def test_fixture_files_match_the_lock(run, case):
     locked = golden.read_lock()
     for path in golden.fixture_files(case.path):
@@ -174,3 +180,24 @@ def test_full_size_gpt2_counts_are_peft_s(run, version):
         checked += 1
     if not checked:
         pytest.skip(f"not applicable: no row of {version}/gpt2-counts.json is in {run.impl.name}'s scope")
+
+
+@pytest.mark.parametrize("case", METHOD_CASES)
+def test_method_fixture_is_peft_s(run, case, tmp_path):
+    """An IA3, LoHa or LoKr case: peft's files load to peft's tensors and outputs (active, disabled, merged), and
+    saving them again writes peft's tensors under the same peft_type."""
+    _in_scope(run, case)
+    model, stored, expected = _loaded(run, case), case.tensors(), case.expected()
+    live = run.peft_state(model, case.adapter_name)
+    run.same_keys(live, stored, f"case {case.id}: adapter keys after loading")
+    for key in sorted(stored):
+        run.equal(live[key].detach().cpu(), stored[key], f"case {case.id}: {key}")
+    run.close(_output(model, case), expected["unmerged"], f"case {case.id}: logits")
+    with run.impl.disable_adapter(model):
+        run.close(_output(model, case), expected["disabled"], f"case {case.id}: logits with the adapter disabled")
+    run.impl.save(model, str(tmp_path), case.adapter_name)
+    run.all_close(load_file(tmp_path / "adapter_model.safetensors"), stored, f"case {case.id}: re-saved")
+    saved_type = json.loads((tmp_path / "adapter_config.json").read_text()).get("peft_type")
+    run.check(saved_type == case.config()["peft_type"], f"case {case.id}: re-saved peft_type {saved_type!r}")
+    run.impl.merge(model)
+    run.close(_output(model, case), expected["merged"], f"case {case.id}: merged logits")

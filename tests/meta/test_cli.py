@@ -89,6 +89,14 @@ def test_check_adapter_knows_the_rest_of_peft_s_lora(case, base, tmp_path):
     assert result.exit_code == 1 and expected in result.output, result.output
 
 
+@pytest.mark.parametrize("case", ["ia3-gpt2-feedforward", "loha-llama"])
+def test_check_adapter_says_it_checks_lora_only(case):
+    """An IA3 / LoHa / LoKr directory gets one clear error, not a list of LoRA fields it lacks."""
+    result = runner.invoke(app, ["check-adapter", str(golden.root() / "v4" / "cases" / case / "adapter")])
+    assert result.exit_code == 1 and "config.method" in result.output and "LoRA adapters only" in result.output
+    assert result.output.count("ERROR") == 1 and "WARNING" not in result.output, result.output
+
+
 def test_check_adapter_says_a_missing_directory_is_missing(tmp_path):
     result = runner.invoke(app, ["check-adapter", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "nowhere: no such file or directory" in result.output

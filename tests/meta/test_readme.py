@@ -8,6 +8,17 @@ import re
 from tests.conftest import ROOT
 
 
+def test_readme_ia3_example():
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## IA3, LoHa and LoKr.*?```python\n(.*?)```", readme, re.S).group(1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})
+    stated = re.search(r"# (trainable params: .*)", code).group(1)
+    assert printed.getvalue().strip() == stated == \
+        "trainable params: 64,512 || all params: 124,504,320 || trainable%: 0.0518"
+
+
 def test_readme_example(tmp_path):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"## LoRA on GPT-2.*?```python\n(.*?)```", readme, re.S).group(1)

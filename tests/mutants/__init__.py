@@ -13,6 +13,7 @@ from tests.mutants.config import *  # noqa: F401,F403
 from tests.mutants.files import *  # noqa: F401,F403
 from tests.mutants.lora_features import *  # noqa: F401,F403
 from tests.mutants.merging import *  # noqa: F401,F403
+from tests.mutants.methods import *  # noqa: F401,F403
 from tests.mutants.models import *  # noqa: F401,F403
 
 

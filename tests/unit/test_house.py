@@ -3,9 +3,12 @@ they stay true."""
 
 import ast
 import dataclasses
+import inspect
 import re
 
-from reference_impl import LoraConfig, peft_format
+import pytest
+
+from reference_impl import METHODS, peft_format
 from reference_impl.layers import LoraLayer
 from tests.conftest import ROOT
 
@@ -30,12 +33,16 @@ def test_every_hook_the_base_class_calls_is_declared_on_it():
     assert called and not {name for name in called - {"base_layer"} if not hasattr(LoraLayer, name)}
 
 
-def test_every_config_field_says_what_it_does():
-    source = (ROOT / "reference_impl" / "config.py").read_text().splitlines()
-    for field in dataclasses.fields(LoraConfig):
+@pytest.mark.parametrize("config_class", [method.config_class for method in METHODS.values()],
+                         ids=list(METHODS))
+def test_every_config_field_says_what_it_does(config_class):
+    """Each field, in the class that declares it (LoHa's shares LyCORISConfig's, IA3's TunerConfig's)."""
+    for field in dataclasses.fields(config_class):
+        owner = next(c for c in config_class.__mro__ if field.name in getattr(c, "__annotations__", {}))
+        source = inspect.getsource(owner).splitlines()
         line = next(i for i, text in enumerate(source) if re.match(rf"\s+{field.name}: ", text))
         documented = "#" in source[line] or source[line - 1].strip().startswith("#")
-        assert documented, f"LoraConfig.{field.name} has no comment"
+        assert documented, f"{owner.__name__}.{field.name} has no comment"
 
 
 def test_the_key_prefix_is_written_in_one_module():

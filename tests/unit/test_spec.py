@@ -13,7 +13,7 @@ from tests.claims import claims_and_bindings
 from tests.conftest import ROOT
 
 REQ_IN_MARKER = re.compile(r"mark\.req\(([^)]*)\)")
-REQ_ID = re.compile(r"LORA-[A-Z]+-\d{3}")
+REQ_ID = re.compile(r"(?:LORA|IA3|LOHA|LOKR)-[A-Z]+-\d{3}")
 
 
 def _suite_tests():
@@ -44,9 +44,17 @@ def test_registry_is_consistent():
         assert req.source.strip() and req.title.strip(), req.id
 
 
+def _claims(mark) -> bool:
+    """A req marker, or a parametrize whose parameters each carry one."""
+    if mark.name == "req":
+        return True
+    return mark.name == "parametrize" and any(any(m.name == "req" for m in getattr(p, "marks", ()))
+                                              for p in mark.args[1])
+
+
 def test_every_suite_test_names_its_requirements():
     missing = [name for name, function in _suite_tests()
-               if not any(mark.name == "req" for mark in getattr(function, "pytestmark", []))]
+               if not any(_claims(mark) for mark in getattr(function, "pytestmark", []))]
     assert not missing, f"conformance tests without @pytest.mark.req: {missing}"
 
 
@@ -113,7 +121,7 @@ def test_spec_md_is_generated_from_the_registry():
 
 # The library each shipped driver wraps; its own tox env (`tox -e NAME`) installs it and loads the driver too.
 WRAPPED_LIBRARY = {"reference": "reference_impl", "peft": "peft", "loralib": "loralib", "torchtune": "torchtune",
-                   "mlx": "mlx_lm"}
+                   "mlx": "mlx_lm", "lycoris": "lycoris"}
 
 
 @pytest.mark.parametrize("name", sorted(api.BUILTIN_DRIVERS))
