@@ -51,7 +51,7 @@ class AdapterLayer(nn.Module):
 
     def running_adapters(self) -> list[str]:
         """The active adapters this layer has, when they run unmerged; none when disabled or merged. A disabled,
-        merged layer unmerges for good first (peft does so in every method's forward)."""
+        merged layer unmerges for good first (peft does so in every method's forward). Spec: LORA-FWD-007."""
         if self.disabled and self.merged_adapters:
             self.unmerge()
         if self.disabled or self.merged_adapters:
@@ -60,7 +60,7 @@ class AdapterLayer(nn.Module):
 
     def move_adapter(self, name: str, upcast_half: bool) -> None:
         """Put the new adapter's tensors on the base weight's device and dtype, then, as peft's PeftModel does,
-        upcast fp16/bf16 ones to fp32 (their values keep the half-precision rounding)."""
+        upcast fp16/bf16 ones to fp32 (their values keep the half-precision rounding). Spec: LORA-INIT-006."""
         weight = self.base_layer.weight
         for c in self.containers:
             container = getattr(self, c)

@@ -83,7 +83,8 @@ class DeltaLayer(AdapterLayer):
         return result.to(dtype)
 
     def apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """op(x, delta): the base layer's operation with the delta as weight and no bias."""
+        """op(x, delta): the base layer's operation with the delta as weight and no bias.
+        Spec: LOHA-FWD-001, LOKR-FWD-001."""
         base = self.base_layer
         if isinstance(base, nn.Linear):
             return F.linear(x, delta)
@@ -107,6 +108,7 @@ class DeltaLayer(AdapterLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        """W -= delta, last merged first. Spec: LOHA-MERGE-001, LOKR-MERGE-001."""
         while self.merged_adapters:
             self.base_layer.weight.data -= self.delta_weight(self.merged_adapters.pop())
 
@@ -139,6 +141,7 @@ def kaiming(*tensors: torch.Tensor) -> None:
 
 
 def check_supported(module: nn.Module, path: str, method: str) -> None:
+    """peft's TypeError for a layer LoHa and LoKr cannot take. Spec: LOHA-MATCH-001, LOKR-MATCH-001."""
     if not isinstance(module, SUPPORTED):
         raise TypeError(f"Target module {path} of type {type(module).__name__} not supported, currently only "
                         f"adapters for Conv2d, Conv1d, Linear are supported ({method})")

@@ -112,7 +112,8 @@ class IA3Layer(AdapterLayer):
         self.move_adapter(name, upcast_half)
 
     def scaling(self, names: list[str]) -> torch.Tensor:
-        """The product of the vectors of `names`: flat for Linear, in its broadcast shape for conv."""
+        """The product of the vectors of `names`: flat for Linear, in its broadcast shape for conv.
+        Spec: IA3-FWD-001 (several active adapters multiply)."""
         product = 1
         for name in names:
             product = product * (self.ia3_l[name] if self.is_conv else self.ia3_l[name].flatten())
@@ -137,7 +138,7 @@ class IA3Layer(AdapterLayer):
     # --- merging -----------------------------------------------------------------------------------------------
     def weight_scale(self, name: str) -> torch.Tensor:
         """l laid out to multiply the stored weight: rows (outputs) or columns (inputs); Conv1D stores (in, out);
-        a grouped conv's input channels repeat per group."""
+        a grouped conv's input channels repeat per group. Spec: IA3-MERGE-001."""
         l = self.ia3_l[name].data
         if not self.is_conv:
             return l.T if is_conv1d(self.base_layer) else l
@@ -189,6 +190,7 @@ def make_layer(module: nn.Module, path: str, config: IA3Config) -> IA3Layer:
 
 def attach(layer: IA3Layer, adapter_name: str, path: str, config: IA3Config, upcast_half: bool,
            initialize: bool) -> None:
-    if not layer.is_conv:
-        warn_fan_in_fan_out(layer.base_layer, config)
+    """fan_in_fan_out corrected per layer and saved as LoRA does it (LORA-CFG-004), then the vector.
+    Spec: IA3-INIT-001."""
+    warn_fan_in_fan_out(layer.base_layer, config)
     layer.add_adapter(adapter_name, config, upcast_half, initialize)

@@ -58,7 +58,8 @@ def method_of(config) -> Method:
 
 
 def config_from_dict(data: dict[str, Any], ignore_unknown_keys: bool = False):
-    """The config adapter_config.json describes, of the class its peft_type names (LoRA when absent)."""
+    """The config adapter_config.json describes, of the class its peft_type names (LoRA when absent).
+    Spec: LORA-LOAD-006, IA3-SER-001, LOHA-SER-001, LOKR-SER-001."""
     peft_type = data.get("peft_type", "LORA")
     method: Optional[Method] = METHODS.get(peft_type)
     if method is None:
