@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from reference_impl import (PEFT_ONLY_FIELDS, LoraConfig, PeftModel, make_lora_layer, matches_target, pattern_value,
-                            read_weights, resolve_targets, unmatched_pattern_keys, with_task_heads)
+from reference_impl import (METHODS, PEFT_ONLY_FIELDS, LoraConfig, PeftModel, make_lora_layer, matches_target,
+                            pattern_value, read_weights, resolve_targets, unmatched_pattern_keys, with_task_heads)
 from reference_impl.save_load import adapter_state_dict, module_path
 from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_adapter_name, split_key
 
@@ -104,7 +104,8 @@ def _directory_base(folder: Path) -> Base:
 
 
 # Methods reference_impl implements besides LoRA, whose files this LoRA checker does not judge.
-OTHER_METHODS = ("IA3", "LOHA", "LOKR")
+OTHER_METHODS = tuple(peft_type for peft_type in METHODS if peft_type != "LORA")
+
 
 def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Report:
     report = Report()

@@ -5,6 +5,8 @@ The formulas take peft-keyed values and give new base weights, so the expected o
 base model run with them (torch.func.functional_call), and autograd through it gives the expected gradients.
 """
 
+import re
+
 import torch
 from hypothesis import strategies as st
 from torch import nn
@@ -57,8 +59,6 @@ def adapted_paths(values: dict, method: str) -> set[str]:
 
 def is_feedforward(path: str, config: dict) -> bool:
     """IA3-MATCH-001: a regex matches the whole name; a list entry is a plain string suffix."""
-    import re
-
     wanted = config.get("feedforward_modules") or []
     if isinstance(wanted, str):
         return re.fullmatch(wanted, path) is not None

@@ -102,10 +102,6 @@ class TunerConfig(ConfigFile):
                 setattr(self, name, set(getattr(self, name)))
         config_checks.check_shared_values(self)
 
-    @property
-    def is_regex_target(self) -> bool:
-        return isinstance(self.target_modules, str)
-
 
 @dataclass
 class LoraConfig(ConfigFile):

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import peft_format, save_load
 from .config import LoraConfig
-from .model import TunerModel
+from .model import TunerModel, bias_mode
 
 
 def with_task_heads(config: LoraConfig, task_type: Optional[str]) -> LoraConfig:
@@ -99,7 +99,7 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Inside the block the model computes as the base model. On exit the active adapters become trainable
         again, even one loaded frozen, as in peft 0.21.2 (peft_model.py:1022-1077). Spec: LORA-FWD-007."""
-        if any(getattr(self.peft_config[a], "bias", "none") != "none" for a in self.base_model.active_adapters):
+        if any(bias_mode(self.peft_config[a]) != "none" for a in self.base_model.active_adapters):
             warnings.warn("Careful, disabling adapter layers with bias configured to be 'all' does not produce "
                           "the same output as the base model would without adaption.")
         self.base_model.set_disabled(True)

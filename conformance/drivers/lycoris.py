@@ -156,9 +156,8 @@ class LycorisDriver:
              is_trainable: bool = False) -> LycorisModel:
         folder = Path(directory)
         config = json.loads((folder / peft_format.CONFIG_NAME).read_text())
-        patterns = config.pop("alpha_pattern", {}) or {}
-        fields = config_from_dict(config).__dataclass_fields__
-        model = self.wrap(base_model, {k: v for k, v in config.items() if k in fields and k != "alpha_pattern"})
+        patterns = config.pop("alpha_pattern", {}) or {}  # LyCORIS' per-module alphas, applied below
+        model = self.wrap(base_model, config)
         for path, lora in model.loras():  # LyCORIS' per-module alpha, where the converter wrote one
             alpha = next((a for key, a in patterns.items() if re.match(rf"(.*\.)?({key})$", path)), None)
             if alpha is not None:

@@ -7,10 +7,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from reference_impl import METHODS
+
 from ..api import CAPABILITIES
 
 # The config class of each method, by the peft_type a config dict names; peft and reference_impl share the names.
-CONFIG_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig"}
+CONFIG_CLASSES = {peft_type: method.config_class.__name__ for peft_type, method in METHODS.items()}
 
 
 class PeftShapedDriver:
