@@ -45,9 +45,11 @@ def report(section: str, what: str, value: str) -> None:
     print(f"  {what:<58} {value}")
 
 
-def gpt2(n_layer: int = 12, device: str = "cpu", dtype=torch.float32) -> nn.Module:
+def gpt2(n_layer: int = 12, device: str = "cpu", dtype=torch.float32, smoke: bool = False) -> nn.Module:
+    """GPT-2 small (or, for a smoke run that only checks the benchmark works, one narrow block)."""
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer)).eval().to(device=device, dtype=dtype)
+    config = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=1000) if smoke else GPT2Config(n_layer=n_layer)
+    return GPT2LMHeadModel(config).eval().to(device=device, dtype=dtype)
 
 
 def timed(fn) -> float:
@@ -117,8 +119,8 @@ def lora_flop_ratio(base: nn.Module, r: int, tokens: int, seq: int) -> float:
     return 1 + layers * lora / (layers * block + head)
 
 
-def forward_section(device: str, dtype, reps: int) -> None:
-    base = gpt2(device=device, dtype=dtype)
+def forward_section(device: str, dtype, reps: int, smoke: bool = False) -> None:
+    base = gpt2(device=device, dtype=dtype, smoke=smoke)
     for r in (8, 64):
         config = {"r": r, "lora_alpha": 16, "target_modules": TARGETS}
         wrapped = {}
@@ -135,7 +137,8 @@ def forward_section(device: str, dtype, reps: int) -> None:
                     "bare math (unfused)": bare_model(base, {k: v.to(device) for k, v in values.items()}, r, False),
                     "bare math (addmm)": bare_model(base, {k: v.to(device) for k, v in values.items()}, r, True)}
         for batch in (1, 4):
-            ids = torch.randint(0, 50257, (batch, 128), generator=torch.Generator().manual_seed(0)).to(device)
+            ids = torch.randint(0, base.config.vocab_size, (batch, 128),
+                                generator=torch.Generator().manual_seed(0)).to(device)
 
             def run(model):
                 return lambda: model(input_ids=ids)
@@ -330,23 +333,36 @@ def markdown(command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def forward_sections(reps: int, smoke: bool = False, cpu: bool = True) -> None:
+    """The forward pass on the CPU (float32), then on CUDA (float32 with TF32 off, bfloat16) when there is one."""
+    if cpu:
+        forward_section("cpu", torch.float32, reps, smoke)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        forward_section("cuda", torch.float32, reps * 2, smoke)
+        forward_section("cuda", torch.bfloat16, reps * 2, smoke)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--suite", action="store_true", help="also time a whole ci-profile run of the suite")
     parser.add_argument("--markdown", help="write the results to this Markdown file")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="only the forward sections: on CUDA (float32, bfloat16) when torch sees a GPU, else CPU")
+    parser.add_argument("--smoke", action="store_true",
+                        help="forward sections on a one-block, 64-wide GPT-2: checks that they run (its figures mean nothing)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # the libraries' deprecation chatter would bury the figures
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     reps = 5 if args.quick else 15
+    if args.forward_only:
+        forward_sections(reps, args.smoke, cpu=not torch.cuda.is_available())
+        return
     import_section()
     memory_section()
     lifecycle_section(reps)
-    forward_section("cpu", torch.float32, reps)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        forward_section("cuda", torch.float32, reps * 2)
-        forward_section("cuda", torch.bfloat16, reps * 2)
+    forward_sections(reps, args.smoke)
     suite_section(args.suite)
     if args.markdown:
         Path(args.markdown).write_text(markdown("python -m bench.run " + " ".join(sys.argv[1:])))

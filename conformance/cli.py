@@ -1,5 +1,6 @@
 """The `peft-conformance` command."""
 
+import shutil
 import sys
 
 import typer
@@ -10,8 +11,17 @@ app = typer.Typer(help="Check LoRA implementations against Hugging Face peft.", 
                   add_completion=False)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from . import SPEC_VERSION, __version__
+
+        typer.echo(f"peft-conformance {__version__} (spec version {SPEC_VERSION})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _commands() -> None:
+def _commands(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                           help="print the version and exit")) -> None:
     """Subcommands: spec, run, check-adapter, fixtures, corpus, golden-check, record, verify, compare."""
 
 
@@ -148,7 +158,9 @@ def record(directory: str = typer.Argument(..., help="a new (or empty) folder fo
 def verify(directory: str = typer.Argument(..., help="a folder `peft-conformance record` wrote"),
            impl: str = typer.Option("peft", help="the implementation that reloads the adapters: a driver name or "
                                                  "module:attr"),
-           report_path: str = typer.Option(None, "--report", help="write the JSON report here (and .md beside)")
+           report_path: str = typer.Option(None, "--report", help="write the JSON report here (and .md beside)"),
+           base: str = typer.Option(None, help="where the recorded base model directory is now (its weights must "
+                                               "still match the recorded sha256)")
            ) -> None:
     """Reload every recorded adapter, recompute, re-save: exit 1 if anything moved beyond its tolerance."""
     from pathlib import Path
@@ -156,7 +168,7 @@ def verify(directory: str = typer.Argument(..., help="a folder `peft-conformance
     from . import gate, report, terminal
 
     try:
-        found = gate.verify(Path(directory), impl)
+        found = gate.verify(Path(directory), impl, base)
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -164,7 +176,7 @@ def verify(directory: str = typer.Argument(..., help="a folder `peft-conformance
         typer.echo(f"moved: {line}")
     _echo_case_failures(found.results)
     title = f"{found.implementation['name']} {found.implementation['version']} on {directory}"
-    typer.echo(terminal.render(found.results, title, width=150))
+    typer.echo(terminal.render(found.results, title, width=shutil.get_terminal_size().columns))
     if report_path:
         import transformers
 
@@ -197,8 +209,9 @@ def compare(reports: list[str] = typer.Argument(..., help="JSON reports, or fold
 
 @app.command("check-adapter")
 def check_adapter(directory: str = typer.Argument(..., help="the adapter directory"),
-                  base: str = typer.Option("gpt2-tiny", help="the base model: a zoo model name, a model directory "
-                                                             "(config.json; weights optional) or module:factory"),
+                  base: str = typer.Option(None, help="the base model: a model directory (config.json; weights "
+                                                       "optional), module:factory or a zoo model name; without it, "
+                                                       "the built-in tiny GPT-2 (gpt2-tiny), and a note says so"),
                   as_json: bool = typer.Option(False, "--json", help="print the findings as JSON"),
                   allow_pickle: bool = typer.Option(False, help="read adapter_model.bin (runs code from the file)")
                   ) -> None:
@@ -207,14 +220,21 @@ def check_adapter(directory: str = typer.Argument(..., help="the adapter directo
 
     from .check_adapter import check
 
+    note = ""
+    if base is None:
+        base = "gpt2-tiny"
+        note = ("no --base given: checked against the built-in tiny GPT-2 (gpt2-tiny); give the model the adapter is "
+                "for with --base MODEL_DIR")
     try:
         report = check(directory, base, allow_pickle)
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     if as_json:
-        typer.echo(json_module.dumps(report.to_json(), indent=2))
+        typer.echo(json_module.dumps({**report.to_json(), **({"note": note} if note else {})}, indent=2))
     else:
+        if note:
+            typer.echo(f"NOTE    {note}")
         for finding in report:
             typer.echo(f"{finding.level.upper():7} {finding.code}: {finding.message}")
         errors = sum(f.level == "error" for f in report)
@@ -234,8 +254,9 @@ def run(impl: str = typer.Option(..., help="a registered driver name or module:a
     """Run the conformance suite against an implementation and write the reports."""
     import pytest
 
+    # this process imported the suite already, so pytest cannot rewrite its asserts (it uses none: no warning)
     args = ["--pyargs", "conformance.suite", "-p", "no:cacheprovider", f"--peft-impl={impl}",
-            f"--peft-report={report}"]
+            f"--peft-report={report}", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
     for flag, value in (("--peft-device", device), ("--peft-dtype", dtype), ("--peft-profile", profile),
                         ("--peft-expectations", expectations), ("-k", select)):
         if value:
@@ -282,7 +303,8 @@ def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits
     results_found = consumer_check.check(goldens, Path(results), known)
     _echo_case_failures(results_found)
     consumer = consumer_check.consumer_identity(Path(results))
-    typer.echo(terminal.render(results_found, f"{consumer['name']} {consumer['version']}".strip(), width=150))
+    typer.echo(terminal.render(results_found, f"{consumer['name']} {consumer['version']}".strip(),
+                               width=shutil.get_terminal_size().columns))
     unused = known.unused(results_found.outcomes) if known else []
     for entry in unused:
         typer.echo(f"FAIL expectations: {entry.describe()} matches no case that was checked: stale or misspelled")

@@ -130,10 +130,11 @@ def _compare(case: Golden, output: str, req: str, produced: dict, problem: str, 
         if measured is not None:
             outcome.measurements.append({"req": req, "tolerance": case.tolerance, "max_abs": measured.max_abs,
                                          "max_rel": measured.max_rel, "ratio": measured.ratio})
-    if problem:
+    if problem:  # charged to the output's requirement: a wrong output does not say which exercised one broke
         outcome.outcome = "failed"
-        outcome.failures = [{"req": r, "message": str(checks.failure(r, problem)), "example": case.id}
-                            for r in reqs]
+        outcome.failures = [{"req": req, "message": str(checks.failure(req, problem)), "example": case.id}]
+        outcome.not_run = {r: f"not judged on case {case.id}: its {output} output failed ({req})"
+                           for r in reqs if r != req}
     else:
         outcome.held = list(reqs)
     return outcome

@@ -13,7 +13,8 @@ some draws and holds on others: `model` (a zoo name or a list of them), `targets
 case's target_modules), or any config field of a method (LoraConfig, IA3Config, ...: a value, or a list of accepted
 values).
 
-Strict where the scope is exact: an entry whose `where` matches no test that ran fails the run, and a "fail" entry
+Strict where the scope is exact: an entry whose `where` matches no test that ran fails the run (unless the run
+checked its requirement on no test of its device and dtype, as a `-k` selection may: then it is noted), and a "fail" entry
 without `when` whose test passes fails the run. With `when`, a failure in a drawn case inside the predicate is
 expected and a failure outside it is a real one; a case inside it that passes is fine (a predicate cannot always say
 exactly which draws fail: rsLoRA ignored shows only when r > 1). A `when` entry under which no drawn case failed is
@@ -86,15 +87,25 @@ class Expectations:
 
     def unused(self, outcomes) -> list[Entry]:
         """Entries whose exact part matched no test of this run, or only tests where the requirement does not apply
-        to the driver: stale, or misspelled."""
-        return [e for e in self.entries if not any(e.matches(o.reqs, o.cell) and o.verdict(e.req)[0] !=
-                                                   "not applicable" for o in outcomes)]
+        to the driver, although the run checked their requirement on their axis: stale, or misspelled."""
+        return [e for e in self.entries if _in_run(e, outcomes) and not any(
+            e.matches(o.reqs, o.cell) and o.verdict(e.req)[0] != "not applicable" for o in outcomes)]
+
+    def not_judged(self, outcomes) -> list[Entry]:
+        """Entries this run cannot judge: no test of it checked their requirement on their device and dtype (a
+        selection with -k, or an axis the run does not cover)."""
+        return [e for e in self.entries if not _in_run(e, outcomes)]
 
     def unexercised(self, outcomes) -> list[Entry]:
         """`when` entries whose tests ran but under which no drawn case failed: stale, or not drawn this run."""
         unused = self.unused(outcomes)
-        return [e for e in self.entries if e.when and e not in unused
+        return [e for e in self.entries if e.when and e not in unused and _in_run(e, outcomes)
                 and not any(e.req in o.expected and e.describe() in o.expectations_seen for o in outcomes)]
+
+
+def _in_run(entry: Entry, outcomes) -> bool:
+    axes = {k: v for k, v in entry.where.items() if k in ("device", "dtype")}
+    return any(entry.req in o.reqs and all(str(o.cell.get(k)) == str(v) for k, v in axes.items()) for o in outcomes)
 
 
 def load(path: str) -> Expectations:

@@ -4,8 +4,8 @@
 A golden folder has the shape of the project's fixtures:
 
     golden.json                     manifest (schema peft-conformance/golden/v1): producer versions, the base model
-                                    (a zoo name, module:factory, or a directory referenced by path and sha256, never
-                                    copied), the inputs, one entry per adapter
+                                    (a zoo name, module:factory, or a directory referenced by sha256 and by its path
+                                    relative to the golden folder, never copied), the inputs, one entry per adapter
     FIXTURES.lock                   sha256 of every file of the folder
     inputs.safetensors              the forward's keyword arguments (token ids or tensors)
     cases/<case>/adapter/           the adapter directory's files as they were
@@ -18,6 +18,7 @@ golden-check (conformance/consumer_check.py), in the suite's report formats.
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -60,10 +61,32 @@ class Base:
         return model_class(transformers.AutoConfig.from_pretrained(folder)).eval()
 
     def changed_files(self) -> list[str]:
-        """Weight files of a directory base whose sha256 is no longer the recorded one (or that are gone)."""
+        """A located directory base's weight files whose sha256 is no longer the recorded one."""
         folder = Path(self.source)
-        return [name for name, digest in (self.files or {}).items()
-                if not (folder / name).is_file() or _sha256(folder / name) != digest]
+        return [f"{folder / name}: sha256 differs from the one recorded" for name, digest in (self.files or {}).items()
+                if _sha256(folder / name) != digest]
+
+    @property
+    def is_directory(self) -> bool:
+        return self.kind in ("directory", "config")
+
+    def located(self, golden_folder: Path, override: Optional[str] = None) -> "Base":
+        """This base with its directory found: `override` (verify --base), else the recorded path, which is relative
+        to the golden folder (absolute in goldens recorded before 0.3)."""
+        if override is not None and not self.is_directory:
+            raise ValueError(f"--base {override}: this golden folder's base is {self.kind} {self.source!r}, not a "
+                             "model directory; --base only gives a recorded directory its new place")
+        if not self.is_directory:
+            return self
+        folder = Path(override) if override is not None else golden_folder / self.source
+        missing = [name for name in ("config.json", *(self.files or {})) if not (folder / name).is_file()]
+        if missing:
+            where = f"--base {override}" if override is not None else (
+                f"the base model directory {folder} (recorded in {golden_folder / MANIFEST} as {self.source!r}, "
+                "relative to the golden folder)")
+            raise FileNotFoundError(f"{where}: no {', '.join(missing)} there. Put the base model back there, or give "
+                                    "its new place: peft-conformance verify GOLDEN --base DIR")
+        return Base(str(folder), self.kind, self.seed, self.files)
 
 
 def base_from(spec: str, seed: int = 0) -> Base:
@@ -151,6 +174,9 @@ def record(target: Path, base_spec: str, adapters: list[Path], inputs: Optional[
         raise ValueError(f"two adapters would share a case name: {names}")
     base = base_from(base_spec, seed)
     peft_driver = api.load_driver("peft")
+    recorded = base  # a directory is recorded relative to the golden folder, so that the two can move together
+    if base.is_directory:
+        recorded = Base(os.path.relpath(base.source, target.resolve()), base.kind, base.seed, base.files)
     model = base.build()
     given = _inputs(model, Path(inputs) if inputs else None, seed)
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as scratch:
@@ -166,7 +192,7 @@ def record(target: Path, base_spec: str, adapters: list[Path], inputs: Optional[
                       metadata={"format": "pt"})
             cases.append({"name": name, "adapter": f"cases/{name}/adapter", "source": str(adapter.resolve()),
                           "expected": f"cases/{name}/expected.safetensors", "tolerance": "golden"})
-        manifest = {"schema": SCHEMA, "producer": golden.producers(), "base": base.__dict__, "inputs": INPUTS,
+        manifest = {"schema": SCHEMA, "producer": golden.producers(), "base": recorded.__dict__, "inputs": INPUTS,
                     "cases": cases}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (staged / golden.LOCK_NAME).write_text(json.dumps(
@@ -191,8 +217,9 @@ class Verified:
     implementation: dict
 
 
-def verify(folder: Path, impl: str = "peft") -> Verified:
-    """Recompute every case with `impl` and check it against the folder, per case and requirement."""
+def verify(folder: Path, impl: str = "peft", base_dir: Optional[str] = None) -> Verified:
+    """Recompute every case with `impl` and check it against the folder, per case and requirement; `base_dir`: where
+    a recorded base model directory is now."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -201,7 +228,7 @@ def verify(folder: Path, impl: str = "peft") -> Verified:
     if manifest.get("schema") != SCHEMA:
         raise ValueError(f"{path}: schema {manifest.get('schema')!r}, expected {SCHEMA!r}")
     driver = api.load_driver(impl)
-    base = Base(**manifest["base"])
+    base = Base(**manifest["base"]).located(folder, base_dir)
     given = load_file(folder / manifest["inputs"])
     collected = report.Results()
     for outcome in _integrity(folder, manifest, base):
@@ -243,7 +270,7 @@ def _integrity(folder: Path, manifest: dict, base: Base) -> list[report.TestOutc
     out = []
     for case in manifest["cases"]:
         mine = [p for p in problems if p.startswith(f"cases/{case['name']}/") or not p.startswith("cases/")]
-        mine += [f"base {base.source}/{name}: sha256 differs from the one recorded" for name in changed_base]
+        mine += [f"base model {change}" for change in changed_base]
         outcome = report.TestOutcome(nodeid=f"{case['name']}::files", reqs=["LORA-GOLD-001"], outcome="passed",
                                      cell={"test": "files", "id": case["name"], "device": "cpu", "dtype": "float32"})
         if mine:

@@ -44,8 +44,11 @@ class Adapted:
         return models.run(self.case.model, self.model if model is None else model, self.inputs)
 
     def base(self) -> nn.Module:
-        """A fresh copy of the unadapted base model."""
-        return models.build(self.case.model, self.case.model_seed, self.device, self.dtype)
+        """A fresh copy of the unadapted base model, frozen as wrapping leaves a base. The module state matters to
+        the numbers: torch picks its attention kernel by whether the attention mask requires grad (T5's position
+        bias comes from a parameter), and on the CPU the flash kernel and the math path round half precision
+        differently (bf16: 0.03 apart in T5's logits)."""
+        return models.build(self.case.model, self.case.model_seed, self.device, self.dtype).requires_grad_(False)
 
     @property
     def path(self) -> str:

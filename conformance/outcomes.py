@@ -3,6 +3,7 @@ requirements held, which failed and why (each distinct failure charged to its ow
 expected to fail, and the command that reruns the test when pasted."""
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ from .verdict import SuiteError, Verdict
 def build(item, call, rep, verdict: Optional[Verdict], excluded: dict, state) -> report.TestOutcome:
     """The outcome of one phase of a test (setup or call); adjusts `rep` for pytest's own summary."""
     found = verdict.summary() if verdict else {}
-    result = report.TestOutcome(nodeid=item.nodeid, reqs=claimed(item), outcome="passed", cell=cell(item),
+    result = report.TestOutcome(nodeid=stable_id(item), reqs=claimed(item), outcome="passed", cell=cell(item),
                                 **excluded, **found)
     error = call.excinfo.value if call.excinfo else None
     if isinstance(error, Unsatisfiable) and verdict is not None:
@@ -33,6 +34,18 @@ def build(item, call, rep, verdict: Optional[Verdict], excluded: dict, state) ->
         rep.sections.append(("reproduce", result.repro))
     _apply_expectations(result, rep, verdict, state.expectations.path if state.expectations else "")
     return result
+
+
+SUITE = Path(__file__).resolve().parent / "suite"
+
+
+def stable_id(item) -> str:
+    """The test's id for reports: relative to the suite ("conformance/suite/test_fwd.py::test_x[cpu-float32]")
+    wherever pytest ran from and the suite is installed, so that two runs' reports can be compared."""
+    path = Path(item.path).resolve()
+    if path.is_relative_to(SUITE):
+        return f"conformance/suite/{path.relative_to(SUITE).as_posix()}::{item.name}"
+    return item.nodeid
 
 
 def claimed(node) -> list[str]:
@@ -145,4 +158,9 @@ def repro(item, state) -> str:
         options.append("--peft-dtype=" + ",".join(state.dtypes))
     if state.expectations:
         options.append(f"--peft-expectations={Path(state.expectations.path).resolve()}")
-    return f"{env}pytest '{item.path}::{item.name}' -p conformance.plugin -p no:cacheprovider {' '.join(options)}"
+    seed = item.config.getoption("hypothesis_seed", None)
+    if seed is not None:  # a randomized profile: the draws come from this seed
+        options.append(f"--hypothesis-seed={seed}")
+    # This interpreter, by its path: after a tox run, a bare `pytest` in the user's shell cannot import the suite.
+    return (f"{env}{sys.executable} -m pytest '{item.path}::{item.name}' -p conformance.plugin -p no:cacheprovider "
+            f"{' '.join(options)}")

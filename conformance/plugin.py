@@ -5,7 +5,9 @@ It stays inert in test runs that collect no conformance test.
 """
 
 import os
+import random
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Optional
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from . import api, expectations, outcomes, report, spec
 from .run import NOT_APPLICABLE, NOT_RUN, Run
@@ -28,10 +31,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
           HealthCheck.function_scoped_fixture]
 PROFILES = {
-    "dev": settings(max_examples=8, deadline=None, suppress_health_check=_quiet),
+    # dev and thorough draw at random, from a seed the repro commands carry; no profile keeps a database, so that
+    # nothing lands in the folder the suite runs from and no old failure replays where it cannot be reproduced
+    "dev": settings(max_examples=8, deadline=None, database=None, print_blob=True, suppress_health_check=_quiet),
     "ci": settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
                    suppress_health_check=_quiet),
-    "thorough": settings(max_examples=200, deadline=None, suppress_health_check=_quiet),
+    # nightly: random draws, so that each night explores new cases
+    "thorough": settings(max_examples=200, deadline=None, database=None, print_blob=True,
+                         suppress_health_check=_quiet),
     # ci's draws without shrinking: the same verdicts, sooner when things fail (failing examples come unshrunk)
     "gate": settings(max_examples=12, deadline=None, derandomize=True, database=None,
                      phases=[Phase.explicit, Phase.generate], suppress_health_check=_quiet),
@@ -112,6 +119,7 @@ def pytest_addoption(parser):
                                                        f"(default 300) [{ENV}TIMEOUT]")
 
 
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin reads --hypothesis-seed
 def pytest_configure(config):
     config.addinivalue_line("markers", "req(*ids): the requirement IDs a conformance test checks")
     devices = _devices(_option(config, "peft-device"))
@@ -132,6 +140,11 @@ def pytest_configure(config):
     if config.stash[state_key].impl_spec:
         # Before collection: @given reads the default settings when the test module is imported.
         settings.load_profile(f"peft-conformance-{profile}")
+        if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):  # hypothesis' caches, out of the user's folder
+            set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "peft-conformance-hypothesis")
+        if not PROFILES[profile].derandomize and config.getoption("hypothesis_seed", None) is None:
+            # Random draws, from a seed the repro commands carry (xdist hands the option to its workers).
+            config.option.hypothesis_seed = str(random.randrange(2**32))
 
 
 def _load_expectations(path: str) -> expectations.Expectations:
@@ -179,7 +192,8 @@ def pytest_collection_modifyitems(session, config, items):
         unknown = [i for i in ids if i not in known]
         if unknown:
             raise pytest.UsageError(f"{item.nodeid}: unknown requirement IDs {unknown}")
-        for category in ("UserWarning", "FutureWarning", "DeprecationWarning"):  # the implementations' own chatter
+        chatter = ("UserWarning", "FutureWarning", "DeprecationWarning", "RuntimeWarning")  # the implementations'
+        for category in chatter:
             item.add_marker(pytest.mark.filterwarnings(f"ignore::{category}"))
 
 
@@ -309,8 +323,10 @@ def pytest_report_header(config):
     state = config.stash[state_key]
     if not state.impl_spec:
         return None
+    seed = config.getoption("hypothesis_seed", None)
+    draws = f" (random draws, --hypothesis-seed={seed})" if seed is not None else ""
     lines = [f"peft-conformance: implementation {state.impl_spec}, devices {','.join(state.devices)}, "
-             f"dtypes {','.join(state.dtypes)}, hypothesis profile {state.profile}, torch {torch.__version__}"]
+             f"dtypes {','.join(state.dtypes)}, hypothesis profile {state.profile}{draws}, torch {torch.__version__}"]
     if not torch.cuda.is_available():
         lines.append("peft-conformance: CUDA cases will NOT run: torch sees no GPU")
     oracle = state.oracle()
@@ -328,6 +344,13 @@ def _version(distribution: str) -> Optional[str]:
         return None
 
 
+def _gpu() -> dict:
+    """The GPU and CUDA a report's CUDA cells ran on (nothing on a CPU machine)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     state = config.stash[state_key]
     if not state.active:
@@ -338,6 +361,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for entry in state.expectations.unused(results.outcomes):
             terminalreporter.write_line(f"peft-conformance: ERROR: expectation {entry.describe()} in "
                                         f"{state.expectations.path} matched no test: remove or fix it", red=True)
+        for entry in state.expectations.not_judged(results.outcomes):
+            terminalreporter.write_line(f"peft-conformance: note: expectation {entry.describe()} in "
+                                        f"{state.expectations.path} not judged: no test of this run checked its "
+                                        "requirement on its axis")
         for entry in state.expectations.unexercised(results.outcomes):
             terminalreporter.write_line(f"peft-conformance: note: expectation {entry.describe()} in "
                                         f"{state.expectations.path}: no drawn case under its `when` failed this run "
@@ -349,6 +376,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                               {"torch": torch.__version__, "transformers": _version("transformers"),
                                "devices": state.devices, "dtypes": state.dtypes,
                                "hypothesis_profile": state.profile, "oracle": oracle.version if oracle else None,
-                               "cuda_available": torch.cuda.is_available()})
+                               "cuda_available": torch.cuda.is_available(), **_gpu()})
         report.write(data, state.report_path)
         terminalreporter.write_line(f"peft-conformance: report written to {state.report_path}")

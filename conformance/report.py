@@ -124,6 +124,23 @@ class Results:
                 result.status = "blocked"
         return dict(sorted(results.items(), key=lambda item: _sort_key(item[0])))
 
+    def closest_per_class(self) -> dict[str, dict]:
+        """Per tolerance class (exact aside), the comparison that came closest to its bound: how near a pass was.
+        {class: {ratio, max_abs, req, axis, test, tests}}; a ratio above 1 is a failure, `tests` counts the tests
+        that compared under the class."""
+        closest: dict[str, dict] = {}
+        for outcome in self.outcomes:
+            axis = f"{outcome.cell.get('device', 'cpu')}/{outcome.cell.get('dtype', 'float32')}"
+            for m in outcome.measurements:
+                if m["tolerance"] == "exact":
+                    continue
+                entry = closest.setdefault(m["tolerance"], {"ratio": -1.0, "tests": 0})
+                entry["tests"] += 1
+                if m["ratio"] > entry["ratio"]:
+                    entry.update(ratio=m["ratio"], max_abs=m["max_abs"], req=m["req"], axis=axis,
+                                 test=outcome.nodeid, widened=m.get("widened", False))
+        return dict(sorted(closest.items()))
+
     def summary(self) -> dict[str, int]:
         totals = {status: 0 for status in STATUS_ORDER}
         for result in self.by_requirement().values():
@@ -169,6 +186,7 @@ def to_json(results: Results, implementation: dict, environment: dict) -> dict:
         "implementation": implementation,
         "environment": {"python": platform.python_version(), "platform": platform.platform(), **environment},
         "summary": results.summary(),
+        "tolerance_classes": results.closest_per_class(),
         "requirements": {
             req: {"status": r.status, "title": spec.requirements()[req].title if req in spec.requirements() else "",
                   "level": spec.requirements()[req].level if req in spec.requirements() else "",
@@ -182,19 +200,48 @@ def to_json(results: Results, implementation: dict, environment: dict) -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    """A summary for a CI job page: the totals, then one row per requirement."""
+    """A summary for a CI job page: the totals, one row per requirement (with the reason behind any status but a
+    pass), each failure with its message and the command that reproduces it, and how close each tolerance class
+    came. Requirement IDs are plain text: the texts are in SPEC.md, which `peft-conformance spec` prints."""
     impl = report["implementation"]
     totals = ", ".join(f"{n} {status}" for status, n in report["summary"].items() if n)
     lines = [f"### peft-conformance: {impl.get('name')} {impl.get('version', '')}", "",
-             f"{totals} (spec v{report['spec_version']}, suite {report['suite_version']})", "",
-             "| requirement | level | status | worst error | title |", "|---|---|---|---|---|"]
+             f"{totals} (spec v{report['spec_version']}, suite {report['suite_version']}; the requirements' texts: "
+             "SPEC.md, printed by `peft-conformance spec`)", "",
+             "| requirement | level | status | worst error | title | why not a pass |", "|---|---|---|---|---|---|"]
     for req, r in report["requirements"].items():
-        worst = ""
-        if r["worst"]:
-            worst = f"{r['worst']['max_abs']:.2g} ({r['worst']['tolerance']})"
-        title = r["title"] if len(r["title"]) < 90 else r["title"][:87] + "..."
-        lines.append(f"| [{req}](SPEC.md#{req.lower()}) | {r['level']} | {r['status']} | {worst} | {title} |")
+        worst = f"{r['worst']['max_abs']:.2g} ({r['worst']['tolerance']})" if r["worst"] else ""
+        why = "" if r["status"] == "pass" else _cell("; ".join(r["reasons"]) or (
+            r["failures"][0]["message"].splitlines()[0] if r["failures"] else ""))
+        lines.append(f"| {req} | {r['level']} | {r['status']} | {worst} | {_cell(r['title'])} | {why} |")
+    failing = [(req, f) for req, r in report["requirements"].items() for f in r["failures"][:2]]
+    if failing:
+        lines += ["", "#### Failures", ""]
+        for req, failure in failing:
+            lines += [f"**{req}** `{failure['test']}`", "", "```", failure["message"], *(
+                [f"\n{failure['example']}"] if failure.get("example") else []), "```"]
+            if failure.get("repro"):
+                lines += ["", "reproduce:", "", "```bash", failure["repro"], "```"]
+            lines.append("")
+    closest = report.get("tolerance_classes") or {}
+    if closest:
+        lines += ["", "How close the comparisons came to each tolerance class (worst |diff| / allowed; 1 is the bound):",
+                  "", "| class | worst ratio | its abs diff | where | tests |", "|---|---|---|---|---|"]
+        lines += [f"| `{name}` | {c['ratio']:.3g} | {c['max_abs']:.3g} | {c['req']} ({c['axis']}) | {c['tests']} |"
+                  for name, c in closest.items()]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str, most: int = 160) -> str:
+    """Text for one Markdown table cell: one line, no pipes, cut at `most` characters."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
+def closest_text(closest: dict[str, dict]) -> str:
+    """One line per tolerance class: how close this run came to its bound."""
+    return "\n".join(f"  {name:8} worst {c['ratio']:.3g}x of the bound (|diff| {c['max_abs']:.2g}, {c['req']} on "
+                     f"{c['axis']}; {c['tests']} tests)" for name, c in closest.items())
 
 
 def write(report: dict, path: str) -> None:
@@ -219,8 +266,13 @@ SHORT = {"pass": "pass", "fail": "**FAIL**", "blocked": "blocked", "expected fai
 
 
 def _column(report: dict) -> str:
+    """A report's column heading: the implementation, its transformers, and the axes when more than CPU float32."""
     impl, env = report["implementation"], report["environment"]
     extra = f"<br>transformers {env['transformers']}" if env.get("transformers") else ""
+    devices, dtypes = env.get("devices", ["cpu"]), env.get("dtypes", ["float32"])
+    if devices != ["cpu"] or dtypes != ["float32"]:
+        gpu = f" ({env.get('gpu', 'GPU')})" if any(d.startswith("cuda") for d in devices) else ""
+        extra += f"<br>{','.join(devices)}{gpu} x {','.join(dtypes)}"
     return f"{impl['name']} {impl['version']}{extra}"
 
 

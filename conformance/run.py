@@ -38,6 +38,9 @@ class Run:
     def __repr__(self) -> str:  # hypothesis prints the test's arguments with a failure: keep it short
         return f"run({self.impl.name}, {self.device}, {str(self.dtype).removeprefix('torch.')})"
 
+    def _repr_pretty_(self, printer, cycle) -> None:  # hypothesis' printer would list every field, measurements too
+        printer.text(repr(self))
+
     def __post_init__(self):
         # The assertions, bound to this test's requirements and recorded on its item (conformance/verdict.py).
         for name in ("check", "fail", "raises", "same_keys", "close", "equal", "all_close", "require"):

@@ -168,8 +168,17 @@ class Verdict:
         """What the report needs from this test, beyond the exception that ended it."""
         return {"held": sorted(self.held), "last_held": sorted(self.example.held), "expected": dict(self.expected),
                 "blocked_by": sorted(self.blocked_by),
-                "measurements": [vars(m) for m in self.measurements], "expectations_seen": sorted(self.seen),
+                "measurements": _worst_per_class(self.measurements), "expectations_seen": sorted(self.seen),
                 "out_of_scope": dict(self.out_of_scope)}
+
+
+def _worst_per_class(measurements: list[checks.Measurement]) -> list[dict]:
+    """The worst measurement per requirement and tolerance class: a thorough run compares thousands of tensors."""
+    worst: dict[tuple[str, str], checks.Measurement] = {}
+    for m in measurements:
+        if (m.req, m.tolerance) not in worst or m.ratio > worst[m.req, m.tolerance].ratio:
+            worst[m.req, m.tolerance] = m
+    return [vars(m) for m in worst.values()]
 
 
 def _discard_example() -> None:

@@ -47,9 +47,9 @@ def adapted_output(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> t
     Linear/conv: result + (m/n - 1) * (W x) + (m/n) * s * B A x, where W x is the base output without its bias.
     With dropout active, W x is recomputed on the dropped input (peft 0.21.2 variants.py:242-246).
     Embedding: (m/n) * (result + s * A.T[x] @ B.T), no dropout."""
-    if layer.is_embedding:
-        scale = _scale(layer, name, layer.base_layer.weight.dtype)
+    if layer.is_embedding:  # no input to cast: the norm is taken in the adapter's dtype (float32 on a half base)
         A, B = layer.factors(name)
+        scale = _scale(layer, name, A.dtype)
         return scale * result + scale * (layer.lookup(x, A.T) @ B.T) * layer.scaling[name]
     scale = _scale(layer, name, x.dtype)
     dropout = layer.lora_dropout[name]
@@ -60,7 +60,8 @@ def adapted_output(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> t
         bias = layer.broadcast_bias()
         base = result if bias is None else result - bias
     lora = layer.lora_B[name](layer.lora_A[name](x))
-    return result + (scale - 1) * base + scale * lora * layer.scaling[name]
+    # result + (the DoRA term), in this order: in half precision the order of the additions shows in the last bit
+    return result + ((scale - 1) * base + scale * lora * layer.scaling[name])
 
 
 def _factor(layer, name: str, norm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

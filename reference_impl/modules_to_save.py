@@ -11,6 +11,10 @@ from torch import nn
 from . import mixed_batch
 
 
+# Modules whose forward cannot be called: a copy of one could not run in its place.
+CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Holds `original_module` (frozen) and `modules_to_save[adapter]` (trainable copies). Saved keys drop the
     `modules_to_save.<adapter>` infix: `<path>.weight`."""
@@ -50,10 +54,13 @@ class ModulesToSaveWrapper(nn.Module):
 def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[ModulesToSaveWrapper]:
     """Wrap every module whose full name ends with one of `names`. peft uses a plain `endswith`, with no dot
     boundary: "proj" also wraps "c_proj" (peft 0.21.2 utils/other.py:1087, LORA-MTS-001)."""
+    matched = [(path, module) for path, module in model.named_modules() if any(path.endswith(n) for n in names)]
+    for path, module in matched:  # refused before anything is wrapped: peft raises too (utils/other.py:347-351)
+        if isinstance(module, CONTAINERS):
+            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({path!r} ends "
+                            f"with one of {names}: the match has no dot boundary)")
     wrappers = []
-    for path, module in list(model.named_modules()):
-        if not any(path.endswith(name) for name in names):
-            continue
+    for path, module in matched:
         if isinstance(module, ModulesToSaveWrapper):
             wrapper = module
         elif path.endswith(".original_module") or ".modules_to_save." in path:

@@ -28,13 +28,17 @@ def _in_scope(run, case: golden.Case) -> None:
 
 
 def _loaded(run, case: golden.Case):
-    model = run.impl.load(case.base_model(), str(case.adapter_dir()), case.adapter_name)
+    """The case's adapter loaded by the driver into the stored base, on the test's device: a CUDA run checks the
+    CPU-recorded fixtures under the same `golden` class (calibrated on a GPU: docs/gpu/)."""
+    model = run.impl.load(case.base_model().to(run.device), str(case.adapter_dir()), case.adapter_name)
     model.eval()
     return model
 
 
 def _output(model, case: golden.Case) -> torch.Tensor:
-    return models.output_tensor(model(**case.inputs()))
+    device = next(model.parameters()).device
+    inputs = {name: tensor.to(device) for name, tensor in case.inputs().items()}
+    return models.output_tensor(model(**inputs)).cpu()
 
 
 @pytest.mark.req("LORA-GOLD-001")
@@ -49,7 +53,7 @@ def test_fixture_files_match_the_lock(run, case):
 
 @pytest.mark.req("LORA-GOLD-002")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_loaded_tensors_are_peft_s(run, case):
+def test_loaded_tensors_are_peft_s(run, device, case):
     _in_scope(run, case)
     live = run.peft_state(_loaded(run, case), case.adapter_name)
     stored = case.tensors()
@@ -60,14 +64,14 @@ def test_loaded_tensors_are_peft_s(run, case):
 
 @pytest.mark.req("LORA-GOLD-003")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_outputs_are_peft_s(run, case):
+def test_outputs_are_peft_s(run, device, case):
     _in_scope(run, case)
     run.close(_output(_loaded(run, case), case), case.expected()["unmerged"], f"case {case.id}: logits")
 
 
 @pytest.mark.req("LORA-GOLD-004")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_merged_outputs_are_peft_s(run, case):
+def test_merged_outputs_are_peft_s(run, device, case):
     _in_scope(run, case)
     model = _loaded(run, case)
     run.impl.merge(model)
@@ -76,7 +80,7 @@ def test_merged_outputs_are_peft_s(run, case):
 
 @pytest.mark.req("LORA-GOLD-005")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_disabled_outputs_are_peft_s(run, case):
+def test_disabled_outputs_are_peft_s(run, device, case):
     _in_scope(run, case)
     model = _loaded(run, case)
     with run.impl.disable_adapter(model):
@@ -86,7 +90,7 @@ def test_disabled_outputs_are_peft_s(run, case):
 
 @pytest.mark.req("LORA-GOLD-006")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_saving_again_writes_peft_s_files(run, case, tmp_path):
+def test_saving_again_writes_peft_s_files(run, device, case, tmp_path):
     _in_scope(run, case)
     run.impl.save(_loaded(run, case), str(tmp_path), case.adapter_name)
     written = adapter_directory(tmp_path, case.adapter_name)
@@ -118,15 +122,15 @@ def _with_second(run, case: golden.Case):
         pytest.skip(f"not applicable: {reason}")
     model = _loaded(run, case)
     run.impl.add_adapter(model, config, golden.SECOND)
-    run.impl.load_adapter_state_dict(model, harness.to_driver(run.impl, model, case.tensors(golden.SECOND),
-                                                              golden.SECOND), golden.SECOND)
+    second = harness.to_driver(run.impl, model, case.tensors(golden.SECOND), golden.SECOND)
+    run.impl.load_adapter_state_dict(model, {k: v.to(run.device) for k, v in second.items()}, golden.SECOND)
     model.eval()
     return model
 
 
 @pytest.mark.req("LORA-GOLD-007")
 @pytest.mark.parametrize("case", SECOND, ids=[c.id for c in SECOND])
-def test_second_adapter_computes_peft_s_output(run, case):
+def test_second_adapter_computes_peft_s_output(run, device, case):
     model = _with_second(run, case)
     run.impl.set_adapter(model, golden.SECOND)
     run.close(_output(model, case), case.expected()["second"], f"case {case.id}: logits with the second adapter "
@@ -139,16 +143,17 @@ COMBINE = [c for c in CASES if c.manifest.get("combine")]
 
 @pytest.mark.req("LORA-GOLD-009")
 @pytest.mark.parametrize("case", MIXED, ids=[c.id for c in MIXED])
-def test_mixed_batch_computes_peft_s_output(run, case):
+def test_mixed_batch_computes_peft_s_output(run, device, case):
     model = _with_second(run, case)
     names = case.manifest["mixed"]
-    output = models.output_tensor(model(**case.inputs(), adapter_names=list(names)))
+    inputs = {name: tensor.to(device) for name, tensor in case.inputs().items()}
+    output = models.output_tensor(model(**inputs, adapter_names=list(names))).cpu()
     run.close(output, case.expected()["mixed"], f"case {case.id}: logits of the mixed batch {names}")
 
 
 @pytest.mark.req("LORA-GOLD-010")
 @pytest.mark.parametrize("case", COMBINE, ids=[c.id for c in COMBINE])
-def test_weighted_adapter_computes_peft_s_output(run, case):
+def test_weighted_adapter_computes_peft_s_output(run, device, case):
     model = _with_second(run, case)
     combine = case.manifest["combine"]
     run.impl.add_weighted_adapter(model, [case.adapter_name, golden.SECOND], combine["weights"], golden.COMBINED,
@@ -183,7 +188,7 @@ def test_full_size_gpt2_counts_are_peft_s(run, version):
 
 
 @pytest.mark.parametrize("case", METHOD_CASES)
-def test_method_fixture_is_peft_s(run, case, tmp_path):
+def test_method_fixture_is_peft_s(run, device, case, tmp_path):
     """An IA3, LoHa or LoKr case: peft's files load to peft's tensors and outputs (active, disabled, merged), and
     saving them again writes peft's tensors under the same peft_type."""
     _in_scope(run, case)

@@ -6,11 +6,12 @@ import re
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conformance import harness, models, scope
 from conformance.strategies import Case
+from reference_impl.modules_to_save import CONTAINERS
 from reference_impl.targeting import pattern_value
 
 
@@ -193,6 +194,8 @@ def test_modules_to_save_are_not_adapted(run, device, data):
     saved, other = data.draw(st.permutations(names), label="targets")[:2]
     case = run.admit(case._replace(config={"target_modules": [saved, other], "modules_to_save": [saved]}))
     base = models.build(case.model)
+    # peft matches modules_to_save without a dot boundary and refuses containers: "k" names T5's "encoder.block"
+    assume(not any(isinstance(m, CONTAINERS) for n, m in base.named_modules() if n.endswith(saved)))
     saved_modules = {n for n in _adaptable(base) if n.endswith(saved)}
     adapted_after = {n for n in _adaptable(base) if _list_match(n, [other]) and n not in saved_modules}
     if not adapted_after:

@@ -65,14 +65,39 @@ def test_loha_cp_output_is_the_formula(run, device, data):
                                     pytest.param("LOKR", marks=pytest.mark.req("LOKR-GRAD-001"), id="LOKR")])
 @given(data=st.data())
 def test_gradients_are_the_formulas(run, device, method, data):
-    mine = run.adapted(_draw(run, data, method))
+    _gradients_are_the_formula_s(run, _draw(run, data, method))
+
+
+# Fixed cases every run asks again. On a Llama, the formula's gradients and the implementation's are the same sums in
+# another order over the whole loss and differ by up to 1.8e-4 in gradients of 16 (9x the fp32 class; class `grad`
+# scales with the largest gradient): profile thorough found them. On a 3x3 conv, LoHa's CP decomposition, where
+# peft's own backward is wrong (LOHA-GRAD-001), whatever the draws of the run.
+PINNED_GRADIENT_CASES = [
+    pytest.param("llama", {"peft_type": "LOHA", "target_modules": ["down_proj", "gate_proj", "lm_head"], "r": 1,
+                           "alpha": 8, "init_weights": False}, marks=pytest.mark.req("LOHA-GRAD-001"), id="LOHA-llama"),
+    pytest.param("llama", {"peft_type": "LOKR", "target_modules": ["lm_head", "down_proj"], "r": 1, "alpha": 4,
+                           "init_weights": False}, marks=pytest.mark.req("LOKR-GRAD-001"), id="LOKR-llama"),
+    pytest.param("convnet", {"peft_type": "LOHA", "target_modules": ["conv1"], "r": 2, "alpha": 4,
+                             "use_effective_conv2d": True, "init_weights": False},
+                 marks=pytest.mark.req("LOHA-GRAD-001"), id="LOHA-cp-conv"),
+]
+
+
+@pytest.mark.parametrize("model, config", PINNED_GRADIENT_CASES)
+def test_gradients_are_the_formulas_on_fixed_cases(run, device, model, config):
+    _gradients_are_the_formula_s(run, run.fixed(model, config))
+
+
+def _gradients_are_the_formula_s(run, case: strategies.Case) -> None:
+    mine = run.adapted(case)
     mine.output().square().sum().backward()
     leaves = {k: v.detach().to(run.device).clone().requires_grad_(k in _trained(mine.values))
               for k, v in mine.values.items()}
     _expected_output(run, mine, leaves).square().sum().backward()
     expected = {k: torch.zeros_like(v) if v.grad is None else v.grad.cpu() for k, v in leaves.items()
                 if v.requires_grad}
-    run.all_close(run.gradients(mine), expected, "adapter gradients vs autograd through the formula")
+    run.all_close(run.gradients(mine), expected, "adapter gradients vs autograd through the formula",
+                  tolerance="grad")
 
 
 @pytest.mark.parametrize("method", [pytest.param("IA3", marks=pytest.mark.req("IA3-INIT-001"), id="IA3"),
@@ -103,7 +128,8 @@ def test_lokr_factor_shapes_match_peft(run, device, data):
     mine = run.initial_state(case)
     if run.oracle_driver is None:  # without peft, the shapes must at least compose to the base weight
         expected = run.adapted(case)
-        run.close(expected.output(), _expected_output(run, expected), "output from the factors' Kronecker product")
+        run.close(expected.output(), _expected_output(run, expected), "output from the factors' Kronecker product",
+                  tolerance="fp32")  # a formula: the same sums in another order (1.5e-7 apart)
         return
     theirs = run.initial_state(case, run.oracle)
     run.same_keys(mine, theirs, "LoKr keys vs peft's")

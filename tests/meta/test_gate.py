@@ -106,3 +106,32 @@ def test_bad_input_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "no adapter_config.json" in result.output
     assert not (tmp_path / "g").exists()
     assert _verify(tmp_path).exit_code == 2
+
+
+def test_goldens_recorded_in_one_folder_verify_from_a_copy_elsewhere(tmp_path):
+    """The base directory is recorded relative to the golden folder: a project copied (cloned) elsewhere verifies;
+    goldens copied without their base say which base is missing and how to give its new place."""
+    from conformance import models
+
+    project = tmp_path / "here" / "project"
+    models.build("gpt2-tiny").save_pretrained(project / "models" / "base")
+    adapter = project / "adapters" / "a"
+    shutil.copytree(__import__("conformance").golden.root() / "v1" / "cases" / "r4-c_attn" / "adapter", adapter)
+    result = runner.invoke(app, ["record", str(project / "goldens"), "--base", str(project / "models" / "base"),
+                                 "--adapter", str(adapter)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((project / "goldens" / "golden.json").read_text())["base"]["source"] == "../models/base"
+    elsewhere = tmp_path / "there" / "project"
+    shutil.copytree(project, elsewhere)
+    shutil.rmtree(project)
+    assert _verify(elsewhere / "goldens").exit_code == 0
+
+    alone = tmp_path / "alone" / "goldens"
+    shutil.copytree(elsewhere / "goldens", alone)
+    result = _verify(alone)
+    assert result.exit_code == 2
+    assert "the base model directory" in result.output and "'../models/base'" in result.output
+    assert "--base DIR" in result.output and "sha256" not in result.output
+    assert _verify(alone, "--base", str(elsewhere / "models" / "base")).exit_code == 0
+    result = _verify(alone, "--base", str(tmp_path / "nowhere"))
+    assert result.exit_code == 2 and "no config.json" in result.output

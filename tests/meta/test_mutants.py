@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conformance import spec
 from tests.conftest import ROOT, run_suite
@@ -57,12 +58,15 @@ def test_suite_fails_a_broken_driver_on_the_right_requirement(name, tmp_path):
 
 
 def test_reference_driver_passes_every_requirement_it_can(tmp_path):
-    """The whole suite against reference_impl, profile ci: every requirement passes, and none is left "not run"
-    because no drawn case reached its assertions (a test that rarely checks what it claims)."""
+    """The whole suite against reference_impl, profile ci, on float32, bfloat16 and float16 bases: every requirement
+    passes on every axis, and none is left "not run" because no drawn case reached its assertions (a test that
+    rarely checks what it claims)."""
     report = tmp_path / "report.json"
     result = run_suite("--pyargs", "conformance.suite", "--peft-impl=reference", "--peft-profile=ci",
-                       f"--peft-report={report}")
+                       "--peft-dtype=float32,bfloat16,float16", f"--peft-report={report}")
     assert result.returncode == 0, result.stdout[-3000:]
-    statuses = {r: v["status"] for r, v in json.loads(report.read_text())["requirements"].items()}
-    not_passing = {r: s for r, s in statuses.items() if s != "pass"}
-    assert not_passing == {"LORA-DEV-001": "not run", "LORA-MERGE-009": "not run"}, not_passing  # no GPU; fp32 only
+    requirements = json.loads(report.read_text())["requirements"]
+    not_passing = {r: v["status"] for r, v in requirements.items() if v["status"] != "pass"}
+    assert not_passing == ({} if torch.cuda.is_available() else {"LORA-DEV-001": "not run"}), not_passing
+    half = {r for r, v in requirements.items() if "cpu/bfloat16" in v["axes"] and "cpu/float16" in v["axes"]}
+    assert half == {r for r in spec.requirements() if "bfloat16" in spec.requirement(r).dtypes and r in requirements}

@@ -4,6 +4,7 @@ it wrong."""
 import types
 
 import torch
+import torch.nn.functional as F
 
 from reference_impl import dora, layers
 from tests.mutants.base import Mutant, lora_layers
@@ -172,6 +173,29 @@ class OutputUpcast(Mutant):
     def after_wrap(self, model, config):
         for layer in lora_layers(model):
             layer.register_forward_hook(lambda module, args, output: output.float())
+
+
+class BranchInBaseDtype(Mutant):
+    """On a bf16/fp16 base the LoRA branch of a Linear runs in the base dtype (x, A and B rounded to it), where peft
+    computes it in the adapter's float32 and adds it to the upcast base output before rounding once."""
+
+    kills, test, options = ("LORA-FWD-006",), "test_fwd::test_output_matches_peft", (
+        "--peft-dtype=bfloat16,float16",)
+
+    def after_wrap(self, model, config):
+        for layer in lora_layers(model):
+            if type(layer) is layers.Linear:  # nn.Linear and GPT-2's Conv1D
+                layer.adapter_input = lambda name, x: x
+                layer.adapter_output = types.MethodType(_branch_in_input_dtype, layer)
+
+
+def _branch_in_input_dtype(layer, name, x, result):
+    if name in layer.lora_magnitude_vector:  # DoRA as peft computes it: the mutant breaks plain LoRA only
+        return layers.LoraLayer.adapter_output(layer, name, x.to(layer.lora_A[name].weight.dtype), result)
+    down, up = layer.lora_A[name], layer.lora_B[name]
+    bias = None if up.bias is None else up.bias.to(x.dtype)  # lora_bias
+    hidden = F.linear(layer.lora_dropout[name](x), down.weight.to(x.dtype))
+    return result + F.linear(hidden, up.weight.to(x.dtype), bias) * layer.scaling[name]
 
 
 class AlphaPatternIgnored(Mutant):

@@ -1,6 +1,6 @@
 """Run the whole suite against every broken driver and write the requirement x broken-driver table.
 
-    python -m tests.mutants.table --output docs/mutants.md [--jobs 2] [--profile gate] [--keep] [NAME ...]
+    python -m tests.mutants.table --output docs/mutants.md [--jobs 2] [--profile gate] [--keep] [--own-test] [NAME ...]
 
 A broken driver is "killed" when every requirement in its `kills` ends "fail" in its report. Each run is a fresh
 pytest process (a broken driver may patch reference_impl for its own process), with --peft-timeout so that a hang
@@ -111,12 +111,15 @@ def main() -> int:
     parser.add_argument("--output", help="write the Markdown table here")
     parser.add_argument("--profile", default="gate", help="hypothesis profile (gate: ci's draws, unshrunk)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--own-test", action="store_true",
+                        help="run each broken driver against the test built to catch it, not the whole suite")
     parser.add_argument("--keep", action="store_true",
                         help="keep the other broken drivers' rows of the existing --output table (after adding some)")
     args = parser.parse_args()
     names = args.names or list(MUTANTS)
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda n: run_one(n, args.profile), names))
+        results = list(pool.map(lambda n: run_one(n, args.profile, MUTANTS[n].test if args.own_test
+                                                  else "conformance.suite"), names))
     kept = kept_results(Path(args.output)) if args.keep and args.output and Path(args.output).is_file() else {}
     for name, result in kept.items():
         if name in MUTANTS and name not in names:

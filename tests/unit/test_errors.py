@@ -185,3 +185,16 @@ def test_fuzzed_safetensors_bytes_give_documented_errors(adapter, tiny_gpt2, dat
     except (ValueError, FileNotFoundError):
         pass
     assert isinstance(check(adapter).ok, bool)
+
+
+def test_modules_to_save_on_a_container_is_refused_before_anything_is_wrapped(tiny_gpt2):
+    """modules_to_save matches without a dot boundary, so "h" names GPT-2's block list `transformer.h`: peft refuses
+    a ModuleList (its forward cannot run); so does reference_impl, and the model stays as it was."""
+    peft = pytest.importorskip("peft")
+    config = {"target_modules": ["wpe"], "modules_to_save": ["ln_f", "h"]}
+    with pytest.raises(TypeError, match="cannot be applied to modules of type"):
+        peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**config))
+    model = tiny_gpt2()
+    with pytest.raises(TypeError, match=r"modules_to_save cannot be applied to .*ModuleList.*'transformer\.h'"):
+        ref.get_peft_model(model, LoraConfig(**config))
+    assert type(model.transformer.ln_f) is torch.nn.LayerNorm
