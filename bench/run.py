@@ -351,7 +351,8 @@ def main() -> None:
     parser.add_argument("--forward-only", action="store_true",
                         help="only the forward sections: on CUDA (float32, bfloat16) when torch sees a GPU, else CPU")
     parser.add_argument("--smoke", action="store_true",
-                        help="forward sections on a one-block, 64-wide GPT-2: checks that they run (its figures mean nothing)")
+                        help="forward sections on a one-block, 64-wide GPT-2: "
+                             "checks that they run (its figures mean nothing)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # the libraries' deprecation chatter would bury the figures
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

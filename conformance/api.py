@@ -7,7 +7,9 @@ needs peft. The models the suite hands a driver are plain torch / transformers m
 
 Two optional members say what a driver covers and how it stores adapters (docs/plug-in-your-library.md):
 - `supports(model, config) -> str | None`: None when the driver can run this config on this base model, else the
-  reason it cannot. Examples outside the scope are not drawn; a requirement with none inside is "not applicable".
+  reason it cannot. The model is a copy of the case's base on the run's device and in its dtype, so a driver that
+  does not run half precision (or CUDA) says so here. Examples outside the scope are not drawn; a requirement with
+  none inside is "not applicable".
 - `layout`: an object with `to_driver(model, tensors)` and `to_peft(model, tensors)` that map peft-keyed adapter
   tensors to the driver's own keys and shapes and back. With it, adapter_state_dict and load_adapter_state_dict
   use the driver's layout, and the suite compares through the mapping. `to_peft` raises NoExactMapping where the
@@ -147,6 +149,23 @@ def layout_of(driver) -> Optional[Layout]:
 DRIVER_MEMBERS = ("name", "version", "capabilities", "wrap", "add_adapter", "set_adapter", "delete_adapter",
                   "disable_adapter", "adapter_state_dict", "load_adapter_state_dict", "save", "load", "merge",
                   "unmerge", "merge_and_unload", "unload", "trainable_parameters")
+
+# The members only a capability entitles a test to call; the others (wrap, adapter_state_dict,
+# load_adapter_state_dict, trainable_parameters, the optional hooks) every driver has.
+MEMBERS_OF_CAPABILITY = {
+    "multi_adapter": ("add_adapter", "set_adapter", "delete_adapter"),
+    "disable": ("disable_adapter",),
+    "save_load": ("save", "load"),
+    "merge": ("merge", "unmerge", "merge_and_unload"),
+    "unload": ("unload",),
+    "weighted_adapter": ("add_weighted_adapter",),
+}
+GATED_MEMBERS = frozenset(m for members in MEMBERS_OF_CAPABILITY.values() for m in members)
+
+
+def members_entitled(capabilities) -> frozenset[str]:
+    """The gated members a test may call when its requirements need `capabilities`."""
+    return frozenset(m for c in capabilities for m in MEMBERS_OF_CAPABILITY.get(c, ()))
 
 
 # The drivers shipped here, also usable from a checkout that is not installed (PYTHONPATH=.).

@@ -70,13 +70,17 @@ def base_from(spec: str) -> Base:
     if not colon:
         raise ValueError(f"--base {spec!r}: not a zoo model nor a directory; expected "
                          + FORMS.format(zoo=", ".join(models.ZOO)))
+
+    def seeded():  # an unseeded factory would give peft and reference_impl two different random bases
+        torch.manual_seed(0)
+        return getattr(importlib.import_module(module), attr)().eval()
+
     try:
-        factory = getattr(importlib.import_module(module), attr)
-        model = factory()
+        model = seeded()
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"--base {spec!r}: not an importable module:factory ({error}); expected "
                          + FORMS.format(zoo=", ".join(models.ZOO))) from None
-    return Base(spec, lambda: factory().eval(), _token_inputs(model))
+    return Base(spec, seeded, _token_inputs(model))
 
 
 def _token_inputs(model) -> Optional[dict]:

@@ -245,7 +245,7 @@ def check_adapter(directory: str = typer.Argument(..., help="the adapter directo
 @app.command()
 def run(impl: str = typer.Option(..., help="a registered driver name or module:attr"),
         device: str = typer.Option(None, help="comma-separated: cpu, cuda (default: cpu, plus cuda if seen)"),
-        dtype: str = typer.Option(None, help="comma-separated base dtypes (default float32)"),
+        dtype: str = typer.Option(None, help="comma-separated base dtypes (default float32,bfloat16,float16)"),
         profile: str = typer.Option(None, help="hypothesis profile: dev, ci, thorough, quick"),
         expectations: str = typer.Option(None, help="your expectations file (known failures)"),
         report: str = typer.Option("peft-conformance-report.json", help="JSON report (and .md beside it)"),

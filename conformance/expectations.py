@@ -13,8 +13,8 @@ some draws and holds on others: `model` (a zoo name or a list of them), `targets
 case's target_modules), or any config field of a method (LoraConfig, IA3Config, ...: a value, or a list of accepted
 values).
 
-Strict where the scope is exact: an entry whose `where` matches no test that ran fails the run (unless the run
-checked its requirement on no test of its device and dtype, as a `-k` selection may: then it is noted), and a "fail" entry
+Strict where the scope is exact: an entry whose `where` matches no test that ran fails the run (unless the run checked
+its requirement on no test of its device and dtype, as a `-k` selection may: then it is noted), and a "fail" entry
 without `when` whose test passes fails the run. With `when`, a failure in a drawn case inside the predicate is
 expected and a failure outside it is a real one; a case inside it that passes is fine (a predicate cannot always say
 exactly which draws fail: rsLoRA ignored shows only when r > 1). A `when` entry under which no drawn case failed is

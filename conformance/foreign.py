@@ -17,6 +17,17 @@ MLX_ADVICE = ("convert it: lora_A = lora_a.T, lora_B = lora_b.T, lora_alpha = sc
               "(conformance/drivers/mlx.py: mlx_to_peft)")
 
 
+ADAPTERHUB_ADVICE = (
+    f"AdapterHub keys are '<path>.loras.<name>.lora_A' / '.lora_B': drop '.loras.<name>', add '{PREFIX}' and "
+    "'.weight', and write a peft adapter_config.json (lora_alpha = AdapterHub's alpha, r = its r). A fused projection "
+    "(GPT-2's c_attn: q, k and v in one layer) holds one r-row block of lora_A per part it adapts (attn_matrices, "
+    "q and v by default) and one block of lora_B per part: peft has one A for the whole layer, so give that module "
+    "rank parts * r (rank_pattern) and lora_alpha parts * alpha (alpha_pattern, so that alpha / r is unchanged), "
+    "keep the stacked lora_A as it is, and build lora_B as a zero (out_features, parts * r) matrix with part i's "
+    "block in that part's output rows (q: the first third, k: the second, v: the last) and in columns i*r to "
+    "(i+1)*r. On GPT-2, c_attn's lora_A is then (2r, in) and lora_B (3 * hidden, 2r) for q and v.")
+
+
 @dataclass(frozen=True)
 class Foreign:
     tool: str  # e.g. "mlx-lm"
@@ -24,8 +35,8 @@ class Foreign:
     advice: str  # how to get a peft adapter from it
 
     def message(self, path: Path) -> str:
-        return (f"{path} is a {self.tool} adapter ({self.evidence}), not a peft one: peft's PeftModel.from_pretrained "
-                f"cannot load it. {self.advice}")
+        return (f"{path} was written by {self.tool} ({self.evidence}), not by peft: peft's "
+                f"PeftModel.from_pretrained cannot load it. {self.advice}")
 
 
 def _header_keys(path: Path) -> tuple[list[str], dict]:
@@ -91,12 +102,12 @@ def identify(path) -> Optional[Foreign]:
     if "lora_parameters" in config or "fine_tune_type" in config or (path / "adapters.safetensors").is_file():
         return Foreign("mlx-lm", "adapters.safetensors with an adapter_config.json holding lora_parameters / "
                                  "fine_tune_type", MLX_ADVICE)
-    if (path / "pytorch_adapter.bin").is_file() or ("config" in config and "peft_type" not in config
-                                                    and "model_class" in config):
-        return Foreign("AdapterHub (adapters)", "pytorch_adapter.bin and an adapter_config.json with 'config' and "
-                                                "'model_class', no peft_type",
-                       "AdapterHub keys are '<path>.loras.<name>.lora_A': drop '.loras.<name>', add "
-                       f"'{PREFIX}' and '.weight', and write a peft adapter_config.json")
+    hub_config = "config" in config and "peft_type" not in config and "model_class" in config
+    if (path / "pytorch_adapter.bin").is_file() or hub_config:
+        found = sorted(p.name for p in path.iterdir() if p.is_file())
+        evidence = ("an adapter_config.json with 'config' and 'model_class', no peft_type" if hub_config
+                    else "pytorch_adapter.bin")
+        return Foreign("AdapterHub (adapters)", f"{evidence}; files: {', '.join(found)}", ADAPTERHUB_ADVICE)
     if not (path / "adapter_model.safetensors").is_file():
         for pickle_name in ("adapter_model.pt", "adapter_0.pt"):
             if (path / pickle_name).is_file():

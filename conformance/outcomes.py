@@ -71,6 +71,11 @@ def _no_usable_example(result: report.TestOutcome, rep, verdict: Verdict) -> Non
     if verdict.expected:
         result.outcome = "expected fail"
         rep.wasxfail = "expected: " + "; ".join(sorted(set(verdict.expected.values())))
+    elif verdict.unmappable:  # the requirement applies: only the driver's layout kept it from being checked
+        result.outcome = "not run"
+        result.reason = ("no drawn case could be compared in peft's layout: " + "; ".join(sorted(verdict.unmappable))
+                         + " (a layout.to_peft that maps these tensors, or a scope without them, makes it checkable)")
+        rep.longrepr = (str(rep.fspath), 0, f"Skipped: {NOT_RUN}{result.reason}")
     elif verdict.out_of_scope:
         result.outcome = "not applicable"
         result.reason = "every drawn case is outside the driver's scope: " + "; ".join(sorted(verdict.out_of_scope))
@@ -91,16 +96,18 @@ def _leaves(error) -> list[BaseException]:
 def _failures(excinfo, result: report.TestOutcome) -> list[dict]:
     """One entry per distinct failure and requirement: a requirement's own failure is charged to it; a crash, a
     hang or a suite bug to the applicable requirements that had not held in the case that failed."""
-    failures = []
-    for error in _leaves(excinfo.value):
+    failures, stopped = [], excinfo.value
+    found = getattr(stopped, "found", None)  # a timeout while shrinking (plugin.TestTimeout): the failure it found
+    note = f"\n({stopped})" if found is not None else ""
+    for error in _leaves(found if found is not None else stopped):
         example = _example(error)
         if isinstance(error, checks.ConformanceFailure):
-            failures.append({"req": error.req, "message": _first_lines(str(error)), "example": example})
+            failures.append({"req": error.req, "message": _first_lines(str(error)) + note, "example": example})
             continue
         applicable = result.applicable()
         charged = [r for r in applicable if r not in result.last_held] or applicable
         prefix = "SUITE BUG (not the implementation's): " if isinstance(error, SuiteError) else ""
-        message = _first_lines(f"{prefix}{type(error).__name__}: {error}")
+        message = _first_lines(f"{prefix}{type(error).__name__}: {error}") + note
         failures += [{"req": req, "message": message, "example": example} for req in charged]
     return failures
 
@@ -154,8 +161,7 @@ def repro(item, state) -> str:
     options = [f"--peft-impl={impl}", f"--peft-profile={state.profile}"]
     if state.devices != ["cpu"]:
         options.append("--peft-device=" + ",".join(state.devices))
-    if state.dtypes != ["float32"]:
-        options.append("--peft-dtype=" + ",".join(state.dtypes))
+    options.append("--peft-dtype=" + ",".join(state.dtypes))  # the test id names its dtype: that axis must exist
     if state.expectations:
         options.append(f"--peft-expectations={Path(state.expectations.path).resolve()}")
     seed = item.config.getoption("hypothesis_seed", None)

@@ -4,6 +4,7 @@ axes, applicability from the registry, a per-test timeout, and the per-requireme
 It stays inert in test runs that collect no conformance test.
 """
 
+import functools
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.configuration import set_hypothesis_home_dir
+from hypothesis.errors import HypothesisException
 
 from . import api, expectations, outcomes, report, spec
 from .run import NOT_APPLICABLE, NOT_RUN, Run
@@ -26,6 +28,9 @@ from .verdict import Verdict
 ENV = "PEFT_CONFORMANCE_"
 SUITE_DIR = str(Path(__file__).parent / "suite")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Every dtype by default: users train and serve in half precision, and some bugs show only there (a saved bias
+# upcast to float32, the LoRA branch computed in the base dtype). `--peft-dtype float32` is the quick run.
+DEFAULT_DTYPES = tuple(DTYPES)
 
 # function_scoped_fixture: `run` is meant to span a test's examples (it gathers what they assert).
 _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
@@ -106,7 +111,7 @@ def pytest_addoption(parser):
     group.addoption("--peft-device", help="comma-separated devices; default: cpu, plus cuda when torch sees one. "
                                           f"A device torch does not see is an error [{ENV}DEVICE]")
     group.addoption("--peft-dtype", help=f"comma-separated base-model dtypes: float32, bfloat16, float16 "
-                                         f"(default float32); each requirement runs in the ones the spec covers "
+                                         f"(default all three); each requirement runs in the ones the spec covers "
                                          f"[{ENV}DTYPE]")
     group.addoption("--peft-expectations", help=f"TOML file of known failures, owned by the implementer "
                                                 f"[{ENV}EXPECTATIONS]")
@@ -123,7 +128,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "req(*ids): the requirement IDs a conformance test checks")
     devices = _devices(_option(config, "peft-device"))
-    dtypes = [d.strip() for d in (_option(config, "peft-dtype") or "float32").split(",") if d.strip()]
+    dtypes = [d.strip() for d in (_option(config, "peft-dtype") or ",".join(DEFAULT_DTYPES)).split(",") if d.strip()]
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise pytest.UsageError(f"--peft-dtype {dtype!r}: expected one of {sorted(DTYPES)}")
@@ -256,7 +261,12 @@ def pytest_runtest_setup(item):
 
 class TestTimeout(BaseException):
     """Raised into a test that ran past --peft-timeout. A BaseException, so that hypothesis does not catch it and
-    call the hanging implementation again while shrinking; pytest records it as the test's failure."""
+    call the hanging implementation again while shrinking; pytest records it as the test's failure. `found` is the
+    first failure of the test, when hypothesis had found one and was shrinking it: the report shows that failure."""
+
+    def __init__(self, message: str, found: Optional[BaseException] = None):
+        super().__init__(message)
+        self.found = found
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -268,8 +278,16 @@ def pytest_runtest_call(item):
     if not usable:
         yield
         return
+    first_failure = []
+    hypothesis_handle = getattr(item.obj, "hypothesis", None)
+    if hypothesis_handle is not None:
+        inner = hypothesis_handle.inner_test
+        hypothesis_handle.inner_test = _remembering_first_failure(inner, first_failure)
 
     def stop(signum, frame):
+        if first_failure:
+            raise TestTimeout(f"stopped after {seconds:g} s (--peft-timeout) while hypothesis was shrinking a failure "
+                              "it had found; reported here unshrunk", first_failure[0])
         raise TestTimeout(f"stopped after {seconds:g} s (--peft-timeout): the implementation under test did not "
                           "return; it hangs or is far too slow")
 
@@ -280,6 +298,24 @@ def pytest_runtest_call(item):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if hypothesis_handle is not None:
+            hypothesis_handle.inner_test = inner
+
+
+def _remembering_first_failure(test, found: list):
+    """`test` (hypothesis' inner test: one example) that keeps the first exception an example raised, so that a
+    timeout during shrinking can still report the failure itself rather than "hangs"."""
+    @functools.wraps(test)
+    def remembering(*args, **kwargs):
+        try:
+            return test(*args, **kwargs)
+        except HypothesisException:  # reject() and assume(): not a failure
+            raise
+        except Exception as error:
+            if not found:
+                found.append(error)
+            raise
+    return remembering
 
 
 @pytest.hookimpl(hookwrapper=True)

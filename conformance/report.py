@@ -225,7 +225,8 @@ def to_markdown(report: dict) -> str:
             lines.append("")
     closest = report.get("tolerance_classes") or {}
     if closest:
-        lines += ["", "How close the comparisons came to each tolerance class (worst |diff| / allowed; 1 is the bound):",
+        lines += ["",
+                  "How close the comparisons came to each tolerance class (worst |diff| / allowed; 1 is the bound):",
                   "", "| class | worst ratio | its abs diff | where | tests |", "|---|---|---|---|---|"]
         lines += [f"| `{name}` | {c['ratio']:.3g} | {c['max_abs']:.3g} | {c['req']} ({c['axis']}) | {c['tests']} |"
                   for name, c in closest.items()]

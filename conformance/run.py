@@ -17,14 +17,36 @@ from typing import Optional
 
 import pytest
 import torch
-from hypothesis import reject
+from hypothesis import currently_in_test_context, reject
 
-from . import api, checks, harness, models, scope
+from . import api, checks, harness, models, scope, spec
 from .harness import PREFIX, Adapted
 from .strategies import Case, cases, overlap_candidates, overlapping_patterns
-from .verdict import Verdict
+from .verdict import SuiteError, Verdict
 
 NOT_APPLICABLE, NOT_RUN = "not applicable: ", "not run: "
+
+
+class EntitledDriver:
+    """The driver as one test sees it: a member that only a capability provides (unload, save, merge, ...) may be
+    called only when a requirement the test checks declares that capability. Otherwise a driver without the member
+    would fail a requirement it never claimed, so the call is a suite bug (LORA-LOAD-007 once called unload with only
+    save_load declared). Equal to, and hashed as, the driver it wraps, so caches keyed on the driver still hit."""
+
+    def __init__(self, driver, entitled: frozenset, requirements: tuple):
+        self.driver, self._entitled, self._requirements = driver, entitled, requirements
+
+    def __getattr__(self, name):
+        if name in api.GATED_MEMBERS and name not in self._entitled:
+            raise SuiteError(f"the test calls the driver's {name}(), which none of its requirements "
+                             f"{list(self._requirements)} entitles by its capabilities")
+        return getattr(self.driver, name)
+
+    def __eq__(self, other):
+        return self.driver == getattr(other, "driver", other)
+
+    def __hash__(self):
+        return hash(self.driver)
 
 
 @dataclass(repr=False)
@@ -42,6 +64,8 @@ class Run:
         printer.text(repr(self))
 
     def __post_init__(self):
+        needed = {c for req in self.verdict.applicable for c in spec.requirement(req).capabilities}
+        self.impl = EntitledDriver(self.impl, api.members_entitled(needed), self.verdict.applicable)
         # The assertions, bound to this test's requirements and recorded on its item (conformance/verdict.py).
         for name in ("check", "fail", "raises", "same_keys", "close", "equal", "all_close", "require"):
             setattr(self, name, getattr(self.verdict, name))
@@ -82,7 +106,8 @@ class Run:
 
     def within_scope(self, case: Case, adapter_name: str = "default") -> None:
         """Drop the current example when `case` (or another adapter added to it) is outside the driver's scope."""
-        reason = scope.out_of_scope(self.impl, models.build(case.model, case.model_seed), case.config, adapter_name)
+        base = models.build(case.model, case.model_seed, self.device, self.dtype)  # `supports` sees the axis
+        reason = scope.out_of_scope(self.impl, base, case.config, adapter_name)
         if reason:
             self.verdict.out_of_scope[reason] = self.verdict.out_of_scope.get(reason, 0) + 1
             reject()
@@ -90,7 +115,8 @@ class Run:
     def fixed(self, model: str, config: dict, adapter_name: str = "default", base: Optional[torch.nn.Module] = None
               ) -> Case:
         """A fixed case (not drawn): "not applicable" when outside the driver's scope."""
-        reason = scope.out_of_scope(self.impl, base if base is not None else models.build(model), config, adapter_name)
+        base = base if base is not None else models.build(model, 0, self.device, self.dtype)
+        reason = scope.out_of_scope(self.impl, base, config, adapter_name)
         if reason:
             pytest.skip(f"{NOT_APPLICABLE}{reason}")
         case = Case(model, config)
@@ -161,18 +187,38 @@ class Run:
             self.require(same, "LORA-KEYS-007", f"{key} reads back different from the value loaded")
 
     def peft_state(self, model: torch.nn.Module, adapter_name: str = "default") -> dict:
-        """The implementation's adapter in peft's layout; where its layout has no exact peft form, the test stops
-        as "not run" naming why."""
+        """The implementation's adapter in peft's layout. Where its layout has no exact peft form (layout.to_peft
+        raises NoExactMapping), the drawn case is dropped and another drawn: other targets, or values loaded from
+        peft's layout, may map. A fixed test stops as "not run", naming why."""
         try:
             return harness.peft_state(self.impl, model, adapter_name)
         except api.NoExactMapping as error:
-            pytest.skip(f"{NOT_RUN}{self.impl.name}'s tensors have no exact form in peft's layout: {error}")
+            reason = f"{self.impl.name}'s tensors have no exact form in peft's layout: {error}"
+            if currently_in_test_context():
+                self.verdict.unmappable[reason] = self.verdict.unmappable.get(reason, 0) + 1
+                reject()
+            pytest.skip(NOT_RUN + reason)
+
+    def peft_keys(self, adapted: Adapted, adapter_name: str = "default") -> set[str]:
+        """The peft keys of the implementation's adapter: names only, so values need not map. Where the driver's
+        own tensors have no peft form (a fresh fused adapter whose copies of A differ), the same case loaded with
+        values from peft's layout names them: the keys depend on what is adapted, not on the values."""
+        try:
+            return set(harness.peft_state(self.impl, adapted.model, adapter_name))
+        except api.NoExactMapping:
+            return set(self.peft_state(self.adapted(adapted.case).model, adapter_name))
 
     def initial_state(self, case: Case, driver: Optional[api.Driver] = None) -> dict:
         """The adapter tensors right after wrapping the case (fp32 base), in peft's layout."""
         driver = driver or self.impl
         model = harness.wrap(driver, case, self.device, torch.float32).model
         return self.peft_state(model) if driver is self.impl else driver.adapter_state_dict(model)
+
+    def initial_keys(self, case: Case, driver: Optional[api.Driver] = None) -> set[str]:
+        """The peft keys right after wrapping the case (names only: see peft_keys)."""
+        if driver is not None and driver is not self.impl:
+            return set(self.initial_state(case, driver))
+        return self.peft_keys(harness.wrap(self.impl, case, self.device, torch.float32))
 
     def gradients(self, adapted: Adapted) -> dict[str, torch.Tensor]:
         """The gradients of the adapter's tensors after a backward pass, in peft's layout."""
@@ -199,9 +245,9 @@ class Run:
         self.require(False, "LORA-KEYS-001", f"no {prefix}lora_A.weight / lora_B.weight (nor lora_embedding_A/B) "
                                              f"among the adapter keys {sorted(values)[:6]}")
 
-    def adapted_paths(self, state: dict, base: torch.nn.Module) -> set[str]:
-        """The modules a peft-keyed `state` adapts; a key for a module `base` lacks fails LORA-KEYS-001."""
-        paths, modules = harness.adapted_modules(state), dict(base.named_modules())
+    def adapted_paths(self, keys, base: torch.nn.Module) -> set[str]:
+        """The modules that peft `keys` (or a peft-keyed state's) adapt; one `base` lacks fails LORA-KEYS-001."""
+        paths, modules = harness.adapted_modules(keys), dict(base.named_modules())
         self.require(paths <= set(modules), "LORA-KEYS-001", "adapter keys for modules the base model does not "
                                                              f"have: {sorted(paths - set(modules))[:4]}")
         return paths

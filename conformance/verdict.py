@@ -41,6 +41,7 @@ class Verdict:
     seen: set = field(default_factory=set)  # `when` entries some drawn case matched
     blocked_by: set = field(default_factory=set)  # preconditions that failed
     out_of_scope: dict = field(default_factory=dict)  # reason -> how many draws the driver's scope refused
+    unmappable: dict = field(default_factory=dict)  # reason -> how many draws the driver's layout could not map
     example: Example = field(default_factory=Example)
 
     # --- examples ------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ def run_suite(*args: str, timeout: int = 600, env: dict = None) -> subprocess.Co
     env = {**os.environ, **(env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}  # the tests themselves run in parallel
     env.pop("PEFT_CONFORMANCE_IMPL", None)
+    # float32 unless a test asks for more: these runs check the suite's machinery, and the whole-suite runs that
+    # judge a driver name their dtypes (the last --peft-dtype given wins)
     command = [sys.executable, "-m", "pytest", "-p", "conformance.plugin", "-p", "no:cacheprovider",
-               "--peft-profile=quick", *args]
+               "--peft-profile=quick", "--peft-dtype=float32", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -35,3 +35,10 @@ def write_adapters(folder) -> list:
         peft.get_peft_model(build(), peft.LoraConfig(**config)).save_pretrained(folder / name)
         paths.append(folder / name)
     return paths
+
+
+def random_gpt2() -> nn.Module:
+    """A tiny GPT-2 from an unseeded RNG, as many users' factories are: check-adapter must seed each build."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).eval()

@@ -1,11 +1,12 @@
 """splitlora: a small LoRA library of the kind real users plug in, and its driver.
 
-It adapts GPT-2's c_attn and c_fc (not c_proj, nor anything else), keeps c_attn's adapter split in three (q, k
-and v, each with its own copy of A and its third of B: what a library with separate attention projections does),
-cannot unload, disable or hold a second adapter. Its driver declares that scope (`supports`) and that layout
-(`layout`), and the suite gives it "pass" or "not applicable" everywhere but where it really departs from peft:
-three copies of A are three times as many trainable A parameters (LORA-PARAM-001, -002, GOLD-008), and its
-adapter_config.json holds only the fields it knows (LORA-SER-005). docs/plug-in-your-library.md walks through it.
+It adapts GPT-2's c_attn and c_fc (not c_proj, nor anything else), keeps c_attn's adapter split in three (q, k and
+v, each with its own A, drawn separately, and its third of B: what a library with separate attention projections
+does), cannot unload, disable or hold a second adapter, and computes in float32 only. Its driver declares that
+scope (`supports`) and that layout (`layout`), and the suite gives it "pass" or "not applicable" everywhere but
+where it really departs from peft: three copies of A are three times as many trainable A parameters
+(LORA-PARAM-001, -002, GOLD-008), and its adapter_config.json holds only the fields it knows (LORA-SER-005).
+docs/plug-in-your-library.md walks through it.
 """
 
 import json
@@ -34,9 +35,7 @@ class Adapter(nn.Module):
         self.base_layer, self.parts, self.scaling, self.merged = base_layer, parts, alpha / r, False
         in_features, out_features = base_layer.weight.shape
         device = base_layer.weight.device
-        a = torch.empty(r, in_features, device=device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # one A, copied to every part
-        self.lora_a = nn.ParameterDict({p or "a": nn.Parameter(a.clone()) for p in parts})
+        self.lora_a = nn.ParameterDict({p or "a": nn.Parameter(_kaiming(r, in_features, device)) for p in parts})
         self.lora_b = nn.ParameterDict({p or "b": nn.Parameter(torch.zeros(out_features // len(parts), r,
                                                                            device=device)) for p in parts})
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -55,6 +54,13 @@ class Adapter(nn.Module):
         h = self.dropout(x).to(self.lora_a[self.parts[0] or "a"].dtype)
         lora = torch.cat([(h @ a.T) @ b.T for a, b in self.factors()], dim=-1) * self.scaling
         return (out + lora).to(out.dtype)
+
+
+def _kaiming(rows: int, columns: int, device) -> torch.Tensor:
+    """A fresh A: each part draws its own, so a new c_attn adapter has three different A (no peft form)."""
+    a = torch.empty(rows, columns, device=device)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a
 
 
 def _matches(name: str, targets) -> bool:
@@ -110,6 +116,9 @@ class SplitLoraDriver:
 
     def supports(self, model: nn.Module, config: dict):
         """None when splitlora can run `config` on `model`, else why not."""
+        dtypes = {p.dtype for p in model.parameters()}
+        if dtypes != {torch.float32}:
+            return f"splitlora computes in float32 only, not {', '.join(sorted(str(d) for d in dtypes))}"
         targets = config.get("target_modules") or ["c_attn"]
         if not isinstance(targets, list):
             return "splitlora takes target_modules as a list of names"

@@ -17,9 +17,9 @@ computed in another process are checked by conformance/consumer_check.py.
 from .diff import changes
 from .recipes import CASE_SPECS, COUNT_CONFIGS, CaseSpec
 from .record import generate, producers, record_version
-from .store import (COMBINED, ENV_ROOT, LOCK_NAME, SECOND, Case, aliases, base_model, cases, fixture_files,
-                    read_lock, root, sha256, verify, versions)
+from .store import (COMBINED, ENV_ROOT, LOCK_NAME, RENAMED_PATHS, SECOND, Case, aliases, base_model, cases,
+                    fixture_files, in_this_transformers, read_lock, root, sha256, verify, versions)
 
 __all__ = ["changes", "CASE_SPECS", "COUNT_CONFIGS", "CaseSpec", "generate", "producers", "record_version", "ENV_ROOT",
-           "COMBINED", "LOCK_NAME", "SECOND", "Case", "aliases", "base_model", "cases", "fixture_files", "read_lock",
-           "root", "sha256", "verify", "versions"]
+           "COMBINED", "LOCK_NAME", "RENAMED_PATHS", "SECOND", "in_this_transformers", "Case", "aliases", "base_model",
+           "cases", "fixture_files", "read_lock", "root", "sha256", "verify", "versions"]

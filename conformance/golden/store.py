@@ -97,7 +97,7 @@ def base_model(version: str, folder: Optional[Path] = None, name: str = "gpt2-ti
     if name != "gpt2-tiny":
         model = models.build(name)
         stored = load_file((folder or root()) / version / "bases" / name / "model.safetensors")
-        missing, unexpected = model.load_state_dict(stored, strict=False)
+        missing, unexpected = model.load_state_dict(in_this_transformers(stored, model), strict=False)
         if unexpected or set(missing) - set(aliases(model)):
             raise ValueError(f"{version}/bases/{name}: the stored weights do not fit the zoo's {name} (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]})")
@@ -107,6 +107,27 @@ def base_model(version: str, folder: Optional[Path] = None, name: str = "gpt2-ti
     state = load_file(base / "model.safetensors")
     model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True)
     return model.eval()
+
+
+# Module paths that one transformers major names differently from another: (as transformers 5 names them, as
+# transformers 4 does). Transformers 5 folded CLIPVisionModel's inner `vision_model` into the model, so LLaVA's
+# vision tower lost a level. The weights are the same tensors; only their names move.
+RENAMED_PATHS = (("model.vision_tower.", "model.vision_tower.vision_model."),)
+
+
+def in_this_transformers(stored: dict, model: torch.nn.Module) -> dict:
+    """Stored weights keyed as the installed transformers names `model`'s parameters: a key the model lacks whose
+    renamed form (RENAMED_PATHS, either way) it has is renamed, so bases recorded under one major load under the
+    other. Anything else is left as it is, for load_state_dict to report."""
+    expected, out = set(model.state_dict()), {}
+    for key, tensor in stored.items():
+        if key not in expected:
+            for five, four in RENAMED_PATHS:
+                for old, new in ((five, four), (four, five)):
+                    if key.startswith(old) and new + key[len(old):] in expected:
+                        key = new + key[len(old):]
+        out[key] = tensor
+    return out
 
 
 def sha256(path: Path) -> str:

@@ -87,6 +87,15 @@ def test_disable_adapter_gives_base_output(run, device, dtype, data):
     run.close(mine.output(), adapted_output, "output after disable_adapter")
 
 
+@pytest.mark.req("LORA-FWD-010")
+@given(data=st.data())
+def test_disable_adapter_on_a_merged_model_gives_base_output(run, device, data):
+    mine = run.adapted(run.draw(data, config={"bias": None}))
+    run.impl.merge(mine.model)
+    with run.impl.disable_adapter(mine.model):
+        run.close(mine.output(), mine.output(mine.base()), "output of the merged model inside disable_adapter")
+
+
 @pytest.mark.req("LORA-FWD-008")
 @given(data=st.data())
 def test_dora_output_matches_peft(run, device, data):

@@ -18,8 +18,7 @@ PREFIX = harness.PREFIX
 @given(data=st.data())
 def test_keys_match_peft(run, device, data):
     case = run.draw(data)
-    theirs = run.initial_state(case, run.oracle)
-    run.same_keys(run.initial_state(case), theirs, "adapter keys (implementation vs peft)")
+    run.same_keys(run.initial_keys(case), run.initial_keys(case, run.oracle), "adapter keys (implementation vs peft)")
 
 
 @pytest.mark.req("LORA-KEYS-001", "LORA-KEYS-003")
@@ -41,7 +40,7 @@ def test_keys_and_shapes_match_peft_on_every_zoo_model(run, device):
 @given(data=st.data())
 def test_keys_name_the_module_not_the_adapter(run, device, data):
     case = run.draw(data, single_layer=True, kinds={"linear", "conv1d", "conv2d"}, extras=False)
-    keys, layer = set(run.initial_state(case)), PREFIX + models.ZOO[case.model].layer
+    keys, layer = run.initial_keys(case), PREFIX + models.ZOO[case.model].layer
     run.check(keys == {layer + ".lora_A.weight", layer + ".lora_B.weight"}, f"adapter keys {sorted(keys)}")
 
 
@@ -49,7 +48,7 @@ def test_keys_name_the_module_not_the_adapter(run, device, data):
 @given(data=st.data())
 def test_embedding_keys_have_no_weight_suffix(run, device, data):
     case = run.draw(data, single_layer=True, kinds={"embedding"}, extras=False)
-    keys, layer = set(run.initial_state(case)), PREFIX + models.ZOO[case.model].layer
+    keys, layer = run.initial_keys(case), PREFIX + models.ZOO[case.model].layer
     run.check(keys == {layer + ".lora_embedding_A", layer + ".lora_embedding_B"},
               f"embedding adapter keys {sorted(keys)}")
 
@@ -69,7 +68,7 @@ def test_shapes_and_dtypes_match_peft(run, device, data):
 @given(data=st.data())
 def test_dora_magnitude_key(run, device, data):
     case = run.draw(data, single_layer=True, extras=False, config={"use_dora": True})
-    keys, key = set(run.initial_state(case)), f"{PREFIX}{models.ZOO[case.model].layer}.lora_magnitude_vector"
+    keys, key = run.initial_keys(case), f"{PREFIX}{models.ZOO[case.model].layer}.lora_magnitude_vector"
     run.check(key in keys, f"no key {key} among {sorted(keys)}")
 
 
@@ -77,8 +76,8 @@ def test_dora_magnitude_key(run, device, data):
 @given(data=st.data(), bias=st.sampled_from(["lora_only", "all"]))
 def test_bias_keys(run, device, data, bias):
     case = run.draw(data, extras=False, config={"bias": bias})
-    state, base = run.initial_state(case), models.build(case.model)
-    keys, adapted = set(state), run.adapted_paths(state, base)
+    keys, base = run.initial_keys(case), models.build(case.model)
+    adapted = run.adapted_paths(keys, base)
     biases = {n[:-5] for n, _ in base.named_parameters() if n.endswith(".bias")}  # modules that have a bias
     if bias == "lora_only":
         expected = {f"{PREFIX}{path}.base_layer.bias" for path in adapted & biases}
@@ -93,7 +92,7 @@ def test_bias_keys(run, device, data, bias):
 def test_lora_bias_key(run, device, data):
     case = run.draw(data, single_layer=True, kinds={"linear", "conv1d"}, extras=False,
                     config={"lora_bias": True, "init_lora_weights": True})
-    keys, key = set(run.initial_state(case)), f"{PREFIX}{models.ZOO[case.model].layer}.lora_B.bias"
+    keys, key = run.initial_keys(case), f"{PREFIX}{models.ZOO[case.model].layer}.lora_B.bias"
     run.check(key in keys, f"no {key} among {sorted(keys)}")
 
 

@@ -20,7 +20,7 @@ def _adaptable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def _targeted(run, case: Case) -> set[str]:
-    return harness.adapted_modules(run.initial_state(case))
+    return harness.adapted_modules(run.initial_keys(case))
 
 
 def _list_match(name: str, entries) -> bool:
@@ -200,7 +200,7 @@ def test_modules_to_save_are_not_adapted(run, device, data):
     adapted_after = {n for n in _adaptable(base) if _list_match(n, [other]) and n not in saved_modules}
     if not adapted_after:
         return  # `other` lies inside `saved` (or is it): nothing would be adapted; LORA-MATCH-006 covers that
-    keys = set(run.initial_state(case))
+    keys = run.initial_keys(case)
     found = harness.adapted_modules(keys)
     run.check(not found & saved_modules and found == adapted_after,
               f"adapted {sorted(found)} with modules_to_save={[saved]}, expected {sorted(adapted_after)}",
@@ -214,8 +214,8 @@ def test_modules_to_save_are_not_adapted(run, device, data):
 @given(data=st.data())
 def test_targets_match_peft(run, device, data):
     case = run.draw(data)
-    theirs = harness.adapted_modules(run.initial_state(case, run.oracle))
-    mine = harness.adapted_modules(run.initial_state(case))
+    theirs = harness.adapted_modules(run.initial_keys(case, run.oracle))
+    mine = harness.adapted_modules(run.initial_keys(case))
     message = f"adapted {sorted(mine)}, peft adapted {sorted(theirs)}"
     if isinstance(case.config["target_modules"], str):  # the assertion is bound to the rule the draw exercises
         run.check(mine == theirs, message, req="LORA-MATCH-001")

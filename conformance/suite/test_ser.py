@@ -44,7 +44,7 @@ def saved(run, driver, adapted: harness.Adapted, directory: Path) -> tuple[dict,
 
 @pytest.mark.req("LORA-SER-001", "LORA-SER-002")
 @given(data=st.data())
-def test_saved_files_hold_the_live_tensors(run, device, data, tmp_path_factory):
+def test_saved_files_hold_the_live_tensors(run, device, dtype, data, tmp_path_factory):
     mine = run.adapted(run.draw(data))
     directory = tmp_path_factory.mktemp("saved")
     run.impl.save(mine.model, str(directory))
@@ -75,14 +75,19 @@ def test_saved_config_matches_peft(run, device, data, tmp_path_factory):
 @given(data=st.data())
 def test_other_adapter_goes_to_a_subfolder(run, device, data, tmp_path_factory):
     case = run.draw(data, extras=False)
-    run.within_scope(case, "other")
-    mine = run.wrap(case)
-    run.impl.add_adapter(mine.model, dict(case.config), "other")
+    other = {**case.config, "r": case.config["r"] + 1, "lora_alpha": case.config.get("lora_alpha", 8) * 2}
+    run.within_scope(case._replace(config=other), "other")
+    mine = run.adapted(case)  # values that map: a fused layout may not write a fresh adapter
+    run.add_second_adapter(mine, other)
     directory = tmp_path_factory.mktemp("subfolder")
-    run.impl.save(mine.model, str(directory), "other")
+    run.impl.save(mine.model, str(directory), "other")  # "default" stays the active adapter
     found = sorted(str(p.relative_to(directory)) for p in directory.rglob("adapter_*"))
     run.check(found == ["other/adapter_config.json", "other/adapter_model.safetensors"],
               f"saving adapter 'other' wrote {found}")
+    saved_config = json.loads((directory / "other" / "adapter_config.json").read_text())
+    written = {key: saved_config.get(key) for key in ("r", "lora_alpha")}
+    run.check(written == {key: other[key] for key in written},
+              f"adapter 'other' (r={other['r']}, lora_alpha={other['lora_alpha']}) saved with {written}")
 
 
 @pytest.mark.req("LORA-SER-006")

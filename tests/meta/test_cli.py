@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conformance import golden, spec
+from conformance import golden, models, spec
 from conformance.cli import app
 from reference_impl.peft_format import PREFIX
 from tests.conftest import ROOT
@@ -146,6 +146,54 @@ def test_check_adapter_recognises_other_tools_files(tmp_path, make, tool):
     assert len(findings) == 1 and findings[0]["code"] == "format.foreign", findings  # one verdict, no symptoms
     message = findings[0]["message"]
     assert tool in message and "peft's PeftModel.from_pretrained cannot load it" in message
+
+
+def test_check_adapter_seeds_an_unseeded_factory(tmp_path):
+    import peft
+
+    from tests.own_model import random_gpt2
+
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
+    peft.get_peft_model(random_gpt2(), config).save_pretrained(tmp_path / "adapter")
+    result = runner.invoke(app, ["check-adapter", str(tmp_path / "adapter"), "--base", "tests.own_model:random_gpt2",
+                                 "--json"])
+    findings = {f["code"]: f for f in json.loads(result.output)["findings"]}
+    assert result.exit_code == 0 and findings["numbers.peft"]["level"] == "info", findings
+
+
+def test_adapterhub_advice_for_a_fused_projection_round_trips(tmp_path):
+    """Followed literally on GPT-2's c_attn (q and v adapted, as AdapterHub does by default), the advice gives a peft
+    adapter that check-adapter accepts and that computes what the per-part adapters compute."""
+    from conformance.foreign import ADAPTERHUB_ADVICE
+    from reference_impl import PeftModel
+
+    assert "rank_pattern" in ADAPTERHUB_ADVICE and "alpha_pattern" in ADAPTERHUB_ADVICE
+    base = models.build("gpt2-tiny")
+    layer = "transformer.h.0.attn.c_attn"
+    hidden, r, alpha, parts = base.config.n_embd, 2, 4, {"q": 0, "v": 2}  # part -> its third of c_attn's output
+    generator = torch.Generator().manual_seed(0)
+    hub_a = torch.randn(len(parts) * r, hidden, generator=generator)  # stored as AdapterHub stacks it
+    hub_b = {name: torch.randn(hidden, r, generator=generator) for name in parts}
+    lora_b = torch.zeros(3 * hidden, len(parts) * r)
+    for i, (name, third) in enumerate(parts.items()):
+        lora_b[third * hidden:(third + 1) * hidden, i * r:(i + 1) * r] = hub_b[name]
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    save_file({f"{PREFIX}{layer}.lora_A.weight": hub_a, f"{PREFIX}{layer}.lora_B.weight": lora_b},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": [layer], "fan_in_fan_out": True,
+        "rank_pattern": {layer: len(parts) * r}, "alpha_pattern": {layer: len(parts) * alpha}}))
+    result = runner.invoke(app, ["check-adapter", str(folder), "--base", "gpt2-tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    x = torch.randn(3, hidden, generator=generator)
+    per_part = torch.zeros(3, 3 * hidden)
+    for i, (name, third) in enumerate(parts.items()):
+        per_part[:, third * hidden:(third + 1) * hidden] = x @ hub_a[i * r:(i + 1) * r].T @ hub_b[name].T * alpha / r
+    model = PeftModel.from_pretrained(models.build("gpt2-tiny"), folder)
+    with torch.no_grad():
+        delta = model.get_submodule(layer)(x) - base.get_submodule(layer)(x)
+    torch.testing.assert_close(delta, per_part, rtol=1e-5, atol=1e-5)
 
 
 def test_check_adapter_unknown_base_is_a_usage_error(adapter):

@@ -105,3 +105,18 @@ def test_golden_results_from_another_process(tmp_path):
     _export_results(tmp_path / "off", nudge=1e-3)
     result = CliRunner().invoke(app, ["golden-check", str(tmp_path / "off")])
     assert "FAIL LORA-GOLD-003 v1/r4-c_attn: case v1/r4-c_attn: unmerged logits" in result.output
+
+
+def test_llava_bases_load_under_either_transformers_major():
+    """Transformers 5 dropped a level from LLaVA's vision tower (`vision_tower.vision_model.*` became
+    `vision_tower.*`): stored weights named either way load into the zoo's llava under the installed major, and
+    load into nothing else (docs/plug-in-your-library.md checks a library under transformers 4.57.6)."""
+    model = models.build("llava")
+    own = model.state_dict()
+    five, four = golden.RENAMED_PATHS[0]
+    theirs = four if any(k.startswith(four) for k in own) else five  # how this transformers names them
+    other = five if theirs == four else four
+    renamed = {(other + k[len(theirs):] if k.startswith(theirs) else k): v for k, v in own.items()}
+    assert set(renamed) != set(own)  # the other major's names really differ
+    assert set(golden.in_this_transformers(renamed, model)) == set(own)
+    assert set(golden.in_this_transformers({"model.vision_tower.nothing": 0}, model)) == {"model.vision_tower.nothing"}

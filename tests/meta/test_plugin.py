@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +107,8 @@ def test_xdist_gives_the_same_report(tmp_path):
 @pytest.mark.req("LORA-ERR-015")
 @pytest.mark.parametrize("mutant, message", [("RaisesOnWrap", "RuntimeError: driver bug: wrap exploded"),
                                              ("WrapReturnsNone", "NoneType"),
-                                             ("HangsOnWrap", "stopped after 2 s (--peft-timeout)")])
+                                             ("HangsOnWrap", "stopped after 2 s (--peft-timeout)"),
+                                             ("FailsThenHangs", "RuntimeError: driver bug: the first wrap fails")])
 def test_a_broken_implementation_fails_its_tests_and_the_run_reports(mutant, message, tmp_path):
     report = tmp_path / "report.json"
     result = run_suite("--pyargs", "conformance.suite.test_fwd::test_linear_layer_formula",
@@ -117,6 +117,7 @@ def test_a_broken_implementation_fails_its_tests_and_the_run_reports(mutant, mes
     assert result.returncode == 1 and message in result.stdout, result.stdout[-3000:]
     data = json.loads(report.read_text())
     assert data["requirements"]["LORA-FWD-001"]["status"] == "fail"
+    assert message in data["requirements"]["LORA-FWD-001"]["failures"][0]["message"]  # the first error, not a hang
     assert "requirements:" in result.stdout  # the run reached its summary
 
 

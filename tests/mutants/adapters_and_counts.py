@@ -201,6 +201,21 @@ class HangsOnWrap(Mutant):
         time.sleep(600)
 
 
+class FailsThenHangs(Mutant):
+    """Its first wrap raises; every later one hangs, so hypothesis' shrinking of that failure runs into the timeout:
+    the report must show the failure found, not "hangs"."""
+
+    calls = 0
+
+    def wrap(self, model, config, adapter_name="default"):
+        import time
+
+        FailsThenHangs.calls += 1
+        if FailsThenHangs.calls == 1:
+            raise RuntimeError("driver bug: the first wrap fails")
+        time.sleep(600)
+
+
 class UnexpectedSavedKeys(Mutant):
     """Saves keys of its own (no peft names at all): tests that look for a peft key must fail on a requirement,
     not crash with StopIteration or KeyError."""
