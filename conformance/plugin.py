@@ -35,20 +35,24 @@ DEFAULT_DTYPES = tuple(DTYPES)
 # function_scoped_fixture: `run` is meant to span a test's examples (it gathers what they assert).
 _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
           HealthCheck.function_scoped_fixture]
+# Each profile built on hypothesis' defaults, not on the profile loaded at import: on CI hypothesis loads its own
+# "ci" profile first, and a profile that left derandomize unset would inherit derandomize=True from it.
+_defaults = settings.get_profile("default")
 PROFILES = {
     # dev and thorough draw at random, from a seed the repro commands carry; no profile keeps a database, so that
     # nothing lands in the folder the suite runs from and no old failure replays where it cannot be reproduced
-    "dev": settings(max_examples=8, deadline=None, database=None, print_blob=True, suppress_health_check=_quiet),
-    "ci": settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
+    "dev": settings(_defaults, max_examples=8, deadline=None, database=None, print_blob=True,
+                    suppress_health_check=_quiet),
+    "ci": settings(_defaults, max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
                    suppress_health_check=_quiet),
     # nightly: random draws, so that each night explores new cases
-    "thorough": settings(max_examples=200, deadline=None, database=None, print_blob=True,
+    "thorough": settings(_defaults, max_examples=200, deadline=None, database=None, print_blob=True,
                          suppress_health_check=_quiet),
     # ci's draws without shrinking: the same verdicts, sooner when things fail (failing examples come unshrunk)
-    "gate": settings(max_examples=12, deadline=None, derandomize=True, database=None,
+    "gate": settings(_defaults, max_examples=12, deadline=None, derandomize=True, database=None,
                      phases=[Phase.explicit, Phase.generate], suppress_health_check=_quiet),
     # a smoke run: few examples, failures reported as found (no shrinking)
-    "quick": settings(max_examples=4, deadline=None, derandomize=True, database=None,
+    "quick": settings(_defaults, max_examples=4, deadline=None, derandomize=True, database=None,
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=_quiet),
 }
 for _name, _profile in PROFILES.items():

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conformance.plugin import CI_VARIABLES
 from tests.conftest import ROOT, run_suite
 
 FWD = ("--pyargs", "conformance.suite.test_fwd")
@@ -127,6 +128,20 @@ def test_peft_impl_accepts_a_file_path(tmp_path):
                        f"--peft-report={report}", "-k", "output_matches_peft")
     assert result.returncode == 0, result.stdout[-2000:]
     assert json.loads(report.read_text())["requirements"]["LORA-FWD-006"]["status"] == "pass"
+
+
+@pytest.mark.parametrize("on_ci", [False, True])
+def test_the_profiles_are_the_same_on_ci_and_off_it(on_ci):
+    """On CI hypothesis loads its own derandomized profile at import; dev and thorough must still draw at random
+    (a nightly that replays the same draws explores nothing) and carry their seed into the repro."""
+    code = ("from conformance.plugin import PROFILES; "
+            "print({name: (p.derandomize, p.max_examples, p.database) for name, p in PROFILES.items()})")
+    env = {name: value for name, value in os.environ.items() if name not in CI_VARIABLES}
+    env.update({"PYTHONPATH": str(ROOT), **({"CI": "true"} if on_ci else {})})
+    printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    profiles = eval(printed)
+    assert profiles["dev"] == (False, 8, None) and profiles["thorough"] == (False, 200, None)
+    assert profiles["ci"][0] and profiles["gate"][0] and profiles["quick"][0]
 
 
 def test_a_failure_is_short_and_its_repro_fails_the_same_way_in_a_fresh_shell(tmp_path):
