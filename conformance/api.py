@@ -39,6 +39,9 @@ CAPABILITIES = {
     "embedding": "torch.nn.Embedding layers",
     "conv2d": "torch.nn.Conv2d layers",
     "multihead_attention": "torch.nn.MultiheadAttention layers (in-projection and out_proj adapted together)",
+    "bnb_4bit": "bitsandbytes Linear4bit layers (QLoRA: NF4 / FP4, double quantization; the adapter beside the "
+                "quantized weight, merged by dequantizing and quantizing again)",
+    "bnb_8bit": "bitsandbytes Linear8bitLt layers (int8 weights, as above)",
     "dora": "use_dora (weight-decomposed LoRA)",
     "rslora": "use_rslora (scaling alpha / sqrt(r))",
     "dropout": "lora_dropout in train mode, drawing the same mask as peft for the same torch seed",

@@ -17,6 +17,7 @@ from . import transformers_zoo as hf
 # Layer kinds, named as the driver capabilities that cover them.
 LINEAR, CONV1D, EMBEDDING, CONV2D = "linear", "conv1d", "embedding", "conv2d"
 ATTENTION = "multihead_attention"  # torch's nn.MultiheadAttention
+BNB_4BIT, BNB_8BIT = "bnb_4bit", "bnb_8bit"  # bitsandbytes' Linear4bit and Linear8bitLt (QLoRA bases)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ZooModel:
     task_type: str = ""  # the peft task_type its users set (SEQ_CLS, ...), drawn into configs; "" for none
     drawn: bool = True  # False: only fixed cases use it (a grouped conv cannot merge, and draws merge)
     parameters: tuple[str, ...] = ()  # names usable in target_parameters (bare parameters, 2-d or 3-d)
+    quantized: str = ""  # a quantized base (quantized.SCHEMES): built on the run's device and dtype by quantized.py
     description: str = ""
 
     @property
@@ -269,6 +271,18 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
                        "language_model.layers.1.self_attn.k_proj"), EMBEDDING: ("embed_tokens",)},
              description="LlavaForConditionalGeneration: a CLIP vision tower, a projector and a Llama language model "
                          "under model.language_model"),
+    # QLoRA bases (conformance/quantized.py): the llama above loaded through bitsandbytes, its projections quantized,
+    # lm_head not (transformers keeps it in the run's dtype). Only the QLORA tests draw them.
+    *[ZooModel(f"llama-{scheme}", hf.llama, hf.text_inputs,
+               {kind: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                LINEAR: ("lm_head",)},
+               layers=(0, 1), layers_pattern="layers", task_type="CAUSAL_LM", drawn=False, quantized=scheme,
+               description=f"the llama, its projections quantized by bitsandbytes: {about}")
+      for scheme, kind, about in [
+          ("nf4", BNB_4BIT, "NF4, computing in the run's dtype"),
+          ("fp4-dq", BNB_4BIT, "FP4 with double quantization, computing in the run's dtype"),
+          ("nf4-bf16", BNB_4BIT, "NF4, computing in bfloat16 whatever the run's dtype"),
+          ("int8", BNB_8BIT, "int8 rows (LLM.int8(), bitsandbytes' default outlier threshold 6)")]],
     # For target_parameters (LORA-TPARAM-*): the parameters are named in ZooModel.parameters; not drawn elsewhere.
     ZooModel("moe", MoE, _tensor_inputs(2, 5, 12), {LINEAR: ("head",)}, drawn=False,
              parameters=("experts.gate_up_proj", "experts.down_proj", "router.weight"),
@@ -302,7 +316,13 @@ def _built(name: str, seed: int) -> nn.Module:
 
 
 def build(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A fresh copy of zoo model `name` built from `seed`, on `device` in `dtype`."""
+    """A fresh copy of zoo model `name` built from `seed`, on `device` in `dtype` (a quantized model: quantized from
+    that build, its other weights and its compute in `dtype`)."""
+    scheme = ZOO[name].quantized
+    if scheme:
+        from . import quantized
+
+        return copy.deepcopy(quantized.load(_built(name, seed), scheme, device, dtype))
     return copy.deepcopy(_built(name, seed)).to(device=device, dtype=dtype)
 
 

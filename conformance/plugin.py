@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.errors import HypothesisException
 
-from . import api, expectations, outcomes, report, spec
+from . import api, checks, expectations, outcomes, quantized, report, spec
 from .run import NOT_APPLICABLE, NOT_RUN, Run
 from .terminal import print_summary
 from .verdict import Verdict
@@ -131,6 +131,7 @@ def pytest_addoption(parser):
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' own plugin reads --hypothesis-seed
 def pytest_configure(config):
     config.addinivalue_line("markers", "req(*ids): the requirement IDs a conformance test checks")
+    quantized.quiet()  # before peft imports bitsandbytes
     devices = _devices(_option(config, "peft-device"))
     dtypes = [d.strip() for d in (_option(config, "peft-dtype") or ",".join(DEFAULT_DTYPES)).split(",") if d.strip()]
     for dtype in dtypes:
@@ -278,15 +279,20 @@ def pytest_runtest_call(item):
     """Stop a test whose implementation hangs, fail it with a message, and go on (POSIX main thread only)."""
     seconds = item.config.stash[state_key].timeout
     main_thread = threading.current_thread() is threading.main_thread()
-    usable = _is_suite_item(item) and hasattr(signal, "SIGALRM") and main_thread
-    if not usable:
-        yield
-        return
     first_failure = []
-    hypothesis_handle = getattr(item.obj, "hypothesis", None)
+    hypothesis_handle = getattr(item.obj, "hypothesis", None) if _is_suite_item(item) else None
     if hypothesis_handle is not None:
         inner = hypothesis_handle.inner_test
-        hypothesis_handle.inner_test = _remembering_first_failure(inner, first_failure)
+        run = getattr(item, "funcargs", {}).get("run")
+        hypothesis_handle.inner_test = _each_example(inner, first_failure, getattr(run, "verdict", None))
+    usable = _is_suite_item(item) and hasattr(signal, "SIGALRM") and main_thread
+    if not usable:
+        try:
+            yield
+        finally:
+            if hypothesis_handle is not None:
+                hypothesis_handle.inner_test = inner
+        return
 
     def stop(signum, frame):
         if first_failure:
@@ -306,20 +312,23 @@ def pytest_runtest_call(item):
             hypothesis_handle.inner_test = inner
 
 
-def _remembering_first_failure(test, found: list):
+def _each_example(test, found: list, verdict=None):
     """`test` (hypothesis' inner test: one example) that keeps the first exception an example raised, so that a
-    timeout during shrinking can still report the failure itself rather than "hangs"."""
+    timeout during shrinking can still report the failure itself rather than "hangs", and lets the verdict treat a
+    crash in a case an expectation's `when` covers as that expected failure."""
     @functools.wraps(test)
-    def remembering(*args, **kwargs):
+    def one_example(*args, **kwargs):
         try:
             return test(*args, **kwargs)
         except HypothesisException:  # reject() and assume(): not a failure
             raise
         except Exception as error:
+            if verdict is not None and not isinstance(error, checks.ConformanceFailure):
+                verdict.crashed()  # rejects the example when expected
             if not found:
                 found.append(error)
             raise
-    return remembering
+    return one_example
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from reference_impl.peft_format import TASK_HEADS
 from reference_impl.peft_format import is_conv1d
+from reference_impl.quantized import is_quantized_linear
 
 from . import api, models
 
@@ -36,6 +37,9 @@ FEATURES = {
 }
 
 
+QUANTIZED_KINDS = {"Linear4bit": models.BNB_4BIT, "Linear8bitLt": models.BNB_8BIT}
+
+
 def features(config: dict, adapter_name: str = "default") -> set[str]:
     """The capabilities a config's non-default values need."""
     needed = {capability for key, (capability, used) in FEATURES.items() if key in config and used(config[key])}
@@ -47,7 +51,11 @@ def features(config: dict, adapter_name: str = "default") -> set[str]:
 
 def layer_kind(module: nn.Module) -> Optional[str]:
     """The capability that covers adapting `module`: linear, conv1d (GPT-2's), embedding, conv2d,
-    multihead_attention; None if LoRA cannot adapt it."""
+    multihead_attention, bnb_4bit, bnb_8bit (bitsandbytes' layers, asked before nn.Linear, their base class);
+    None if LoRA cannot adapt it."""
+    kind = QUANTIZED_KINDS.get(type(module).__name__) if is_quantized_linear(module) else None
+    if kind:
+        return kind
     if is_conv1d(module):
         return models.CONV1D
     if isinstance(module, nn.Linear):

@@ -52,6 +52,17 @@ class Verdict:
         self.example = Example(case)
         self.seen |= {e.describe() for e in self._when_entries() if e.matches_case(case)}
 
+    def crashed(self) -> None:
+        """The current example raised something other than a failed assertion (the implementation crashed). Where
+        a `when` entry of a requirement that had not yet held in this example covers the case, the crash is that
+        expected failure: recorded, and the example dropped as _fail drops one."""
+        covering = [e for e in self._when_entries() if e.req in self.applicable and e.req not in self.example.held
+                    and e.status in ("fail", "flaky") and e.matches_case(self.example.case)]
+        for entry in covering:
+            self.expected[entry.req] = entry.reason
+        if covering:
+            _discard_example()
+
     def _when_entries(self) -> list[Entry]:
         return [e for e in self.entries if e.when]
 

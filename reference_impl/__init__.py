@@ -5,18 +5,18 @@ targeting.py (which modules get an adapter), merging.py, dora.py, model.py (inje
 wrapper), save_load.py (what is saved, and loading). peft_format.py holds the format facts every reader and writer
 shares; config_checks.py the checks every config value passes once. mixed_batch.py (an adapter per batch row),
 weighted.py (add_weighted_adapter), parameters.py (target_parameters), attention.py (nn.MultiheadAttention) and
-trainable_tokens.py (trainable_token_indices) each hold one feature. Other methods: methods.py lists them;
+trainable_tokens.py (trainable_token_indices) each hold one feature; quantized.py is LoRA on bitsandbytes'
+4-bit and 8-bit layers (QLoRA). Other methods: methods.py lists them;
 adapter_layer.py is what every method's layer shares; ia3.py, loha.py and lokr.py (the last two on delta_layer.py)
-each hold one method. Requirement IDs (LORA-..., IA3-..., LOHA-..., LOKR-...) refer to SPEC.md.
+each hold one method. Requirement IDs (LORA-..., QLORA-..., IA3-..., LOHA-..., LOKR-...) refer to SPEC.md.
 """
 
 from . import peft_format
 from .config import PEFT_ONLY_FIELDS, PEFT_SPEC_VERSION, LoraConfig
 from .ia3 import IA3Config
-from .layers import make_lora_layer
 from .loha import LoHaConfig
 from .lokr import LoKrConfig
-from .methods import METHODS, config_from_dict
+from .methods import METHODS, config_from_dict, make_lora_layer
 from .model import TunerModel
 from .peft_model import PeftModel, get_peft_model, inject_adapter_in_model, with_task_heads
 from .save_load import get_peft_model_state_dict, read_weights, set_peft_model_state_dict

@@ -30,14 +30,14 @@ def _norm(layer, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 def initial_magnitude(layer, name: str) -> torch.Tensor:
     """m starts at ||W + s*BA||, which is ||W|| when B starts at zero."""
     A, B = layer.factors(name)
-    return _norm(layer, layer.base_layer.weight, layer.scaling[name] * layer.delta_from_factors(A, B)).detach()
+    return _norm(layer, layer.dense_weight(), layer.scaling[name] * layer.delta_from_factors(A, B)).detach()
 
 
 def _scale(layer, name: str, dtype: torch.dtype) -> torch.Tensor:
     """m / ||W + s*BA||, the norm detached so that it gets no gradient (DoRA §4.3)."""
     A, B = layer.factors(name)
     lora_weight = layer.delta_from_factors(A, B).detach().to(dtype)
-    norm = _norm(layer, layer.base_layer.weight.to(dtype), layer.scaling[name] * lora_weight).detach()
+    norm = _norm(layer, layer.dense_weight().to(dtype), layer.scaling[name] * lora_weight).detach()
     return layer.lora_magnitude_vector[name].weight / norm
 
 

@@ -93,6 +93,15 @@ class LoraLayer(Merging, AdapterLayer):
         """The parameter the adapters change (merging writes into it; new adapters take its device and dtype)."""
         return self.base_layer.weight
 
+    def adapter_dtype(self) -> Optional[torch.dtype]:
+        """The dtype a new adapter is moved to (then upcast from half precision): the base weight's."""
+        return self.adapted_weight().dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as the float tensor the layer computes with (a quantized layer dequantizes it), in the
+        stored layout. DoRA's norm reads it."""
+        return self.adapted_weight()
+
     def fold_operands(self, A: torch.Tensor, B: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(left, right) with left @ right = B A in the stored weight's layout, for merging in one addmm_; None
         where no single matrix product gives it (conv)."""
@@ -132,10 +141,11 @@ class LoraLayer(Merging, AdapterLayer):
         in PeftModel) upcast fp16/bf16 adapters to fp32: their initial values keep the half-precision rounding.
         Spec: LORA-INIT-006, LORA-INIT-008."""
         weight = self.adapted_weight()
-        self._convert(name, device=weight.device, dtype=weight.dtype)
+        dtype = self.adapter_dtype()
+        self._convert(name, device=weight.device, dtype=dtype)
         if config.use_dora:
             self.lora_magnitude_vector[name] = dora.Magnitude(dora.initial_magnitude(self, name))
-        if upcast_half and weight.dtype in (torch.float16, torch.bfloat16):
+        if upcast_half and dtype in (torch.float16, torch.bfloat16):
             self._convert(name, dtype=torch.float32)
 
     def _convert(self, name: str, **to) -> None:
@@ -220,7 +230,7 @@ class Linear(LoraLayer):
         return (A.T, B.T) if self.fan_in_fan_out else (B, A)  # (BA)^T = A^T B^T for Conv1D's (in, out)
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.out_first(self.base_layer.weight).to(x.dtype))
+        return F.linear(x, self.out_first(self.dense_weight()).to(x.dtype))
 
     def broadcast_bias(self) -> Optional[torch.Tensor]:
         return self.base_layer.bias
@@ -358,18 +368,3 @@ def warn_fan_in_fan_out(base_layer: nn.Module, config: LoraConfig) -> None:
         warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
                       "Setting fan_in_fan_out to True.")
         config.fan_in_fan_out = True
-
-
-def make_lora_layer(module: nn.Module) -> Optional[LoraLayer]:
-    """The LoRA class for a base module, or None if LoRA cannot adapt it. Spec: LORA-MATCH-007."""
-    if isinstance(module, nn.MultiheadAttention):
-        from .attention import MultiheadAttention  # attention.py builds on Linear, defined here
-
-        return MultiheadAttention(module)
-    if isinstance(module, nn.Embedding):
-        return Embedding(module)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Conv(module)
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        return Linear(module)
-    return None

@@ -11,12 +11,30 @@ from torch import nn
 
 from . import delta_layer, ia3, loha, lokr
 from .adapter_layer import AdapterLayer
+from .attention import MultiheadAttention
 from .config import LoraConfig
-from .layers import make_lora_layer, warn_fan_in_fan_out
+from .layers import Conv, Embedding, Linear, LoraLayer, warn_fan_in_fan_out
+from .peft_format import is_conv1d
+from .quantized import QuantizedLinear, is_quantized_linear
 from .targeting import DEFAULT_TARGETS, pattern_value
 
 SUPPORTED_BY_LORA = ("`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
                      "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D` and `torch.nn.MultiheadAttention`")
+
+
+def make_lora_layer(module: nn.Module) -> Optional[LoraLayer]:
+    """The LoRA class for a base module, or None if LoRA cannot adapt it. Spec: LORA-MATCH-007, QLORA-FWD-001."""
+    if is_quantized_linear(module):  # bitsandbytes' layers subclass nn.Linear: asked first
+        return QuantizedLinear(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return MultiheadAttention(module)
+    if isinstance(module, nn.Embedding):
+        return Embedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv(module)
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return Linear(module)
+    return None
 
 
 def make_lora(module: nn.Module, name: str, config: LoraConfig) -> AdapterLayer:

@@ -16,6 +16,7 @@ from torch import nn
 from . import peft_format, save_load
 from .config import LoraConfig
 from .model import TunerModel, bias_mode
+from .quantized import parameter_count
 
 
 def with_task_heads(config: LoraConfig, task_type: Optional[str]) -> LoraConfig:
@@ -67,11 +68,13 @@ class PeftModel(nn.Module):
     # --- counts -----------------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all): numel over named_parameters(), a tied weight counted once. Spec: LORA-PARAM-001."""
+        """(trainable, all): numel over named_parameters(), a tied weight counted once, a packed 4-bit weight twice
+        per byte. Spec: LORA-PARAM-001, QLORA-PARAM-001."""
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            count = parameter_count(p)
+            total += count
+            trainable += count if p.requires_grad else 0
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

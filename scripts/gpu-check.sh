@@ -6,8 +6,8 @@
 #   scripts/gpu-check.sh OUT_DIR
 #
 # Runs from a checkout (PYTHONPATH=., -p conformance.plugin), with the machine's torch, transformers, pytest,
-# pytest-xdist and hypothesis; wheels in .whl/ (peft, transformers, jsonschema and what it needs) are installed
-# first into /tmp/site. Writes 7 files into OUT_DIR (a lent machine sends back at most 8): env.txt,
+# pytest-xdist and hypothesis; wheels in .whl/ (peft, transformers, jsonschema and what it needs, bitsandbytes)
+# are installed first into /tmp/site. Writes 7 files into OUT_DIR (a lent machine sends back at most 8): env.txt,
 # reference.json/.md, peft.json/.md, suite.log, extras.log. Exit status: 0 when every step passed.
 # Settings: DEVICES (default cpu,cuda), JOBS (xdist workers, default: the cores), PROFILE (ci), SUITE_ARGS (more
 # pytest arguments, e.g. -k ...), MUTANTS (default: CudaDropsTheAdapter BranchInBaseDtype), BENCH_ARGS.

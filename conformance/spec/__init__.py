@@ -19,8 +19,9 @@ COMPARISONS = ("exact", "close", "structural")
 SCOPES = ("driver", "reference", "plugin", "consumer")
 DTYPES = ("float32", "bfloat16", "float16")
 HALF_PRECISION_CLASSES = {"bfloat16": "bf16", "float16": "fp16"}
-# The SPEC.md section of each method besides LoRA (whose requirements are grouped by area).
-METHOD_NAMES = {"IA3": "IA3 (other methods)", "LOHA": "LoHa (other methods)", "LOKR": "LoKr (other methods)"}
+# The SPEC.md section of QLoRA and of each method besides LoRA (whose requirements are grouped by area).
+METHOD_NAMES = {"QLORA": "QLoRA (LoRA on quantized bases)", "IA3": "IA3 (other methods)",
+                "LOHA": "LoHa (other methods)", "LOKR": "LoKr (other methods)"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def requirement(req_id: str) -> Requirement:
 
 def render_markdown() -> str:
     """SPEC.md: every requirement by area, with level, comparison, tolerance, source and notes."""
-    lines = ["# LoRA conformance spec, with IA3, LoHa and LoKr (version 1: peft 0.21.x semantics, CPU fp32)", "",
+    lines = ["# LoRA conformance spec, with QLoRA, IA3, LoHa and LoKr (version 1: peft 0.21.x semantics)", "",
              "Generated from `conformance/spec/requirements.toml` by `peft-conformance spec`; do not edit.", "",
              "Scopes: *driver* requirements are checked for every implementation by `conformance.suite`; "
              "*reference* ones on `reference_impl` by `tests/`; *plugin* ones on the suite itself; *consumer* ones on "

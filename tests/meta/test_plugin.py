@@ -209,6 +209,24 @@ def test_an_expectation_scoped_to_some_draws(tmp_path):
     assert failures and "mlp" not in failures[0]["example"]
 
 
+def test_a_crash_in_the_draws_an_expectation_covers_is_that_expected_failure(tmp_path):
+    """A driver that raises (not a failed assertion) on some draws: a `when` entry covering those draws makes the
+    crash an expected failure, and the other draws still run; without the entry the crash fails the requirement."""
+    covering = tmp_path / "covering.toml"
+    covering.write_text('[[expect]]\nreq = "LORA-FWD-006"\nstatus = "fail"\nwhen = { use_rslora = true }\n'
+                        'reason = "crashes on rsLoRA"\n')
+    args = ("--pyargs", "conformance.suite.test_fwd::test_output_matches_peft",
+            "--peft-impl=tests.mutants:CrashesOnRslora", "--peft-profile=ci")
+    report = tmp_path / "report.json"
+    result = run_suite(*args, f"--peft-expectations={covering}", f"--peft-report={report}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    entry = json.loads(report.read_text())["requirements"]["LORA-FWD-006"]
+    assert entry["status"] == "expected fail", entry
+    result = run_suite(*args, f"--peft-report={report}")
+    assert result.returncode == 1 and "driver bug: rsLoRA crashes" in result.stdout, result.stdout[-2000:]
+    assert json.loads(report.read_text())["requirements"]["LORA-FWD-006"]["status"] == "fail"
+
+
 def test_a_driver_with_unexpected_keys_fails_a_requirement_not_the_suite(tmp_path):
     report = tmp_path / "report.json"
     result = run_suite("--pyargs", "conformance.suite.test_err", "--peft-impl=tests.mutants:UnexpectedSavedKeys",

@@ -34,3 +34,20 @@ def test_readme_example(tmp_path):
         "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
     assert (tmp_path / "gpt2-lora" / "adapter_model.safetensors").stat().st_size == 1_182_680
     assert "| `[\"c_attn\"]` | 294,912 | 124,734,720 | 0.2364 | 1,182,680 bytes |" in readme
+
+
+def test_readme_qlora_example_prints_what_peft_prints():
+    """The QLoRA example quantizes a small Llama with bitsandbytes; reference_impl and peft print the stated line."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## QLoRA.*?```python\n(.*?)```", readme, re.S).group(1)
+    stated = re.search(r"# (trainable params: .*)", code).group(1)
+    for library in ("reference_impl", "peft"):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code.replace("from reference_impl import", f"from {library} import"), "README.md", "exec"),
+                 {})
+        assert printed.getvalue().strip() == stated == \
+            "trainable params: 139,264 || all params: 1,963,264 || trainable%: 7.0935", library

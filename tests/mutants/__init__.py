@@ -15,6 +15,7 @@ from tests.mutants.lora_features import *  # noqa: F401,F403
 from tests.mutants.merging import *  # noqa: F401,F403
 from tests.mutants.methods import *  # noqa: F401,F403
 from tests.mutants.models import *  # noqa: F401,F403
+from tests.mutants.qlora import *  # noqa: F401,F403
 from tests.mutants.round2 import *  # noqa: F401,F403
 
 

@@ -188,6 +188,13 @@ class RaisesOnWrap(Mutant):
         raise RuntimeError("driver bug: wrap exploded")
 
 
+class CrashesOnRslora(Mutant):
+    def wrap(self, model, config, adapter_name="default"):
+        if config.get("use_rslora"):
+            raise RuntimeError("driver bug: rsLoRA crashes")
+        return super().wrap(model, config, adapter_name)
+
+
 class WrapReturnsNone(Mutant):
     def wrap(self, model, config, adapter_name="default"):
         super().wrap(model, config, adapter_name)

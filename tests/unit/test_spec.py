@@ -13,7 +13,7 @@ from tests.claims import claims_and_bindings
 from tests.conftest import ROOT
 
 REQ_IN_MARKER = re.compile(r"mark\.req\(([^)]*)\)")
-REQ_ID = re.compile(r"(?:LORA|IA3|LOHA|LOKR)-[A-Z]+-\d{3}")
+REQ_ID = re.compile(r"(?:LORA|QLORA|IA3|LOHA|LOKR)-[A-Z]+-\d{3}")
 
 
 def _suite_tests():
