@@ -20,7 +20,7 @@ from reference_impl import (METHODS, PEFT_ONLY_FIELDS, LoraConfig, PeftModel, ma
 from reference_impl.save_load import adapter_state_dict, module_path
 from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_adapter_name, split_key
 
-from . import models
+from . import models, quantized
 from .foreign import identify
 
 
@@ -98,7 +98,8 @@ def _directory_base(folder: Path) -> Base:
     except ValueError as error:
         raise ValueError(f"--base {error}") from None
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
-        make = lambda: model_class.from_pretrained(folder).eval()  # noqa: E731
+        # A QLoRA base (a quantization_config in config.json) loads quantized, as its users load it.
+        make = lambda: quantized.without_cpu_repacking(model_class.from_pretrained(folder)).eval()  # noqa: E731
         return Base(str(folder), make, _token_inputs(make()))
 
     def on_meta():

@@ -70,10 +70,16 @@ def _loaded(scheme: str, device: str, dtype: torch.dtype, folder: Path) -> nn.Mo
         fields["bnb_4bit_compute_dtype"] = SCHEMES[scheme]["compute"] or dtype
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**fields),
                                                  dtype=dtype, device_map=device)
+    return without_cpu_repacking(model).eval()
+
+
+def without_cpu_repacking(model: nn.Module) -> nn.Module:
+    """`model` with bitsandbytes' CPU repacking of 4-bit weights turned off (see the module docstring): every forward
+    then computes with the stored weight, and dequantizing it gives what was quantized."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False  # see the module docstring
-    return model.eval()
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def load(model: nn.Module, scheme: str, device: str, dtype: torch.dtype) -> nn.Module:

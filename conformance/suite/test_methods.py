@@ -60,6 +60,22 @@ def test_loha_cp_output_is_the_formula(run, device, data):
         run.close(mine.output(), theirs.output(), "output vs peft's")
 
 
+@pytest.mark.parametrize("method", [pytest.param("LOHA", marks=pytest.mark.req("LOHA-FWD-003"), id="LOHA"),
+                                    pytest.param("LOKR", marks=pytest.mark.req("LOKR-FWD-002"), id="LOKR")])
+@given(data=st.data())
+def test_dropouts_in_train_mode_are_peft_s(run, device, method, data):
+    dropouts = {"rank_dropout": data.draw(st.sampled_from([0.0, 0.3, 0.6]), label="rank_dropout"),
+                "module_dropout": data.draw(st.sampled_from([0.0, 0.3]), label="module_dropout")}
+    mine, theirs = run.pair(_draw(run, data, method, **dropouts))
+    seed = data.draw(strategies.seeds, label="dropout seed")
+    outputs = []
+    for adapted in (mine, theirs):
+        adapted.model.train()
+        torch.manual_seed(seed)
+        outputs.append(adapted.output())
+    run.close(outputs[0], outputs[1], f"train-mode output under torch seed {seed} vs peft's")
+
+
 @pytest.mark.parametrize("method", [pytest.param("IA3", marks=pytest.mark.req("IA3-GRAD-001"), id="IA3"),
                                     pytest.param("LOHA", marks=pytest.mark.req("LOHA-GRAD-001"), id="LOHA"),
                                     pytest.param("LOKR", marks=pytest.mark.req("LOKR-GRAD-001"), id="LOKR")])

@@ -100,6 +100,7 @@ def test_merge_and_unload_gives_back_torch_s_attention(run, device, data):
     mine = run.adapted(_draw(run, data))
     unmerged = mine.output()
     expected = _expected_model(run, mine)
+    _merge_twice_then_unmerge(run, mine, unmerged)
     merged = run.impl.merge_and_unload(mine.model)
     run.close(mine.output(merged), unmerged, "output after merge_and_unload vs unmerged")
     for path in _attention_paths(mine.case):
@@ -109,3 +110,12 @@ def test_merge_and_unload_gives_back_torch_s_attention(run, device, data):
                                             f"{type(getattr(attention, 'out_proj', None)).__name__}, expected torch's")
         run.close(attention.in_proj_weight, reference.in_proj_weight, f"{path}.in_proj_weight after merging")
         run.close(attention.out_proj.weight, reference.out_proj.weight, f"{path}.out_proj.weight after merging")
+
+
+def _merge_twice_then_unmerge(run, mine, unmerged) -> None:
+    """A second merge changes nothing (peft warns and skips), and unmerge takes the deltas out again."""
+    run.impl.merge(mine.model)
+    run.impl.merge(mine.model)
+    run.close(mine.output(), unmerged, "output after merging twice vs unmerged")
+    run.impl.unmerge(mine.model)
+    run.close(mine.output(), unmerged, "output after merge, merge, unmerge vs unmerged")

@@ -1,6 +1,8 @@
 """TOK: trainable_token_indices, selected embedding rows trained next to a LoRA adapter (new special tokens), on a
 model with an untied and two with a tied output layer."""
 
+import json
+
 import pytest
 import torch
 from hypothesis import given
@@ -86,6 +88,23 @@ def test_only_the_selected_rows_train_and_are_saved(run, device, data):
               f"{key}: shape {tuple(state[key].shape)}, expected {(len(_rows(case)), dim)}")
     full = sorted(k for k in state if k.endswith((".weight", "embed_tokens", "wte")) and ".lora_" not in k)
     run.check(not full, f"full weights saved beside the trainable rows: {full[:3]}")
+
+
+@pytest.mark.req("LORA-TOK-004")
+@given(data=st.data())
+def test_saved_indices_keep_their_order_and_reload(run, device, data, tmp_path_factory):
+    case = _draw(run, data)
+    mine = run.adapted(case)
+    directory = tmp_path_factory.mktemp("tokens")
+    run.impl.save(mine.model, str(directory))
+    saved = json.loads((directory / "adapter_config.json").read_text()).get("trainable_token_indices")
+    run.check(saved == case.config["trainable_token_indices"],
+              f"adapter_config.json holds trainable_token_indices {saved}, configured "
+              f"{case.config['trainable_token_indices']}: row i of the saved delta belongs to the i-th index")
+    expected = mine.output()
+    run.equal(mine.output(run.impl.load(mine.base(), str(directory))), expected, "output after reloading")
+    if run.oracle_driver is not None:
+        run.equal(mine.output(run.oracle.load(mine.base(), str(directory))), expected, "output loaded by peft")
 
 
 @pytest.mark.req("LORA-TOK-003")

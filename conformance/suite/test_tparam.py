@@ -116,6 +116,10 @@ def test_merge_and_unload_folds_the_delta(run, device, data):
     mine = run.adapted(_draw(run, data))
     unmerged = mine.output()
     expected = _expected_model(run, mine)
+    run.impl.merge(mine.model)
+    run.close(mine.output(), unmerged, "output after merge vs unmerged")
+    run.impl.unmerge(mine.model)  # a delta left in the expert weights would now count twice
+    run.close(mine.output(), unmerged, "output after merge and unmerge vs unmerged")
     merged = run.impl.merge_and_unload(mine.model)
     run.close(mine.output(merged), unmerged, "output after merge_and_unload vs unmerged")
     names = sorted(name for name, _ in merged.named_parameters())

@@ -39,9 +39,12 @@ def _combine(run, data, mine, combination: str, svd_rank=None) -> list[float]:
 
 
 def _parts(run, mine, other: dict, other_values: dict, weights: list[float], path: str) -> list:
-    """(w_i * s_i, A_i, B_i) of both adapters at `path`, the factors as (out, r) and (r, in) matrices."""
+    """(w_i * s_i, A_i, B_i) of the adapters that adapt `path` (both, or one where their targets differ), the
+    factors as (out, r) and (r, in) matrices."""
     parts = []
     for config, values, weight in ((mine.case.config, mine.values, weights[0]), (other, other_values, weights[1])):
+        if path not in harness.adapted_modules(values):
+            continue
         A, B = run.factors(values, path)
         parts.append((weight * harness.scaling(config), A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)))
     return parts
@@ -56,7 +59,10 @@ def _scaling_is_one(run, mine, combined: dict, rank: int, req: str) -> None:
     """The combined adapter, active, computes as an adapter of rank and alpha `rank` (scaling 1) holding its
     factors."""
     run.impl.set_adapter(mine.model, "combined")
-    alone = run.wrap(mine.case._replace(config={**mine.case.config, "r": rank, "lora_alpha": rank}))
+    # the modules 'combined' adapts, by path: the union of both adapters' targets
+    paths = sorted(harness.adapted_modules(combined))
+    alone = run.wrap(mine.case._replace(config={**mine.case.config, "r": rank, "lora_alpha": rank,
+                                                "target_modules": paths}))
     harness.load(alone, combined)
     run.close(mine.output(), alone.output(), f"output with 'combined' active vs an adapter of r = alpha = {rank} "
                                              "holding its factors", req=req)
@@ -65,9 +71,10 @@ def _scaling_is_one(run, mine, combined: dict, rank: int, req: str) -> None:
 @pytest.mark.req("LORA-WADD-001")
 @given(data=st.data())
 def test_linear_combination(run, device, data):
-    mine, other, other_values = _two_adapters(run, data, same_rank=True)
+    mine, other, other_values = _two_adapters(run, data, same_rank=True,
+                                              other_targets=data.draw(st.booleans(), label="other targets?"))
     weights = _combine(run, data, mine, "linear")
-    for path in sorted(harness.adapted_modules(mine.values)):
+    for path in sorted(harness.adapted_modules(mine.values) | harness.adapted_modules(other_values)):
         parts = _parts(run, mine, other, other_values, weights, path)
         roots = [abs(ws) ** 0.5 for ws, _, _ in parts]
         expected_A = sum(root * (1 if ws >= 0 else -1) * A for root, (ws, A, _) in zip(roots, parts))
@@ -95,13 +102,14 @@ def test_cat_combination(run, device, data):
 @pytest.mark.req("LORA-WADD-003")
 @given(data=st.data())
 def test_svd_combination(run, device, data):
-    mine, other, other_values = _two_adapters(run, data, same_rank=False)
+    mine, other, other_values = _two_adapters(run, data, same_rank=False,
+                                              other_targets=data.draw(st.booleans(), label="other targets?"))
     largest = max(mine.case.config["r"], other["r"])
     # Ranks up to 4: every zoo layer has at least 4 inputs and outputs, so the truncation is well defined.
     svd_rank = data.draw(st.sampled_from([1, 2, 3, 4] + ([None] if largest <= 4 else [])), label="svd_rank")
     weights = _combine(run, data, mine, "svd", svd_rank)
     rank = svd_rank or largest
-    for path in sorted(harness.adapted_modules(mine.values)):
+    for path in sorted(harness.adapted_modules(mine.values) | harness.adapted_modules(other_values)):
         delta = sum(ws * B_i.double() @ A_i.double() for ws, A_i, B_i in
                     _parts(run, mine, other, other_values, weights, path))
         U, S, Vh = torch.linalg.svd(delta)

@@ -242,3 +242,22 @@ def test_run_writes_the_reports(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:]
     assert json.loads(report.read_text())["requirements"]["LORA-FWD-001"]["status"] == "pass"
     assert (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize("zoo_base", ["llama-nf4", "llama-int8"])
+def test_check_adapter_on_a_quantized_base_directory(zoo_base, tmp_path):
+    """An adapter trained on a QLoRA base, checked against that base saved with its quantization_config (loaded
+    quantized, as its users load it): peft's own directory passes with the effect computed by both; a transposed
+    lora_B is named."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    models.build(zoo_base).save_pretrained(base)
+    assert "quantization_config" in json.loads((base / "config.json").read_text())
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(models.build(zoo_base), config).save_pretrained(adapter)
+    result = runner.invoke(app, ["check-adapter", str(adapter), "--base", str(base)])
+    assert result.exit_code == 0 and "outputs differ by at most 0" in result.output, result.output
+    _rewrite(adapter, lambda t: {k: v.T.contiguous() if "q_proj.lora_B" in k else v for k, v in t.items()})
+    result = runner.invoke(app, ["check-adapter", str(adapter), "--base", str(base)])
+    assert result.exit_code == 1 and "the factor is transposed" in result.output, result.output
