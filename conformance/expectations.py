@@ -16,7 +16,8 @@ values).
 Strict where the scope is exact: an entry whose `where` matches no test that ran fails the run (unless the run checked
 its requirement on no test of its device and dtype, as a `-k` selection may: then it is noted), and a "fail" entry
 without `when` whose test passes fails the run. With `when`, a failure in a drawn case inside the predicate is
-expected and a failure outside it is a real one; a case inside it that passes is fine (a predicate cannot always say
+expected (a crash there too: an exception from the implementation, for a requirement not yet held in that case) and
+a failure outside it is a real one; a case inside it that passes is fine (a predicate cannot always say
 exactly which draws fail: rsLoRA ignored shows only when r > 1). A `when` entry under which no drawn case failed is
 reported, not failed: which cases hypothesis draws is not in the file's control.
 """

@@ -8,12 +8,12 @@ peft's messages (lora/config.py:1036-1113).
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .peft_format import TASK_TYPES
 
-if TYPE_CHECKING:  # config.py imports this module
-    from .config import LoraConfig
+# A config dataclass of config.py (LoraConfig, or another method's): config.py imports this module, not the reverse.
+Config = Any
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -72,7 +72,7 @@ def check_shared_values(config) -> None:
             _check_regex(name, getattr(config, name), owner)
 
 
-def check_types(config: "LoraConfig") -> None:
+def check_types(config: Config) -> None:
     """Every field's type, before anything is converted. Spec: LORA-ERR-001."""
     check_shared_types(config)
     expect("target_parameters", config.target_parameters, config.target_parameters is None or
@@ -85,7 +85,7 @@ def check_types(config: "LoraConfig") -> None:
         expect(name, getattr(config, name), isinstance(getattr(config, name), bool), "true or false")
 
 
-def check_values(config: "LoraConfig") -> None:
+def check_values(config: Config) -> None:
     """Reject values peft would reject later (or never): fail at construction, naming the field.
     Spec: LORA-CFG-002, LORA-ERR-001."""
     r = config.r
@@ -102,7 +102,7 @@ def check_values(config: "LoraConfig") -> None:
     check_shared_values(config)
 
 
-def check_combinations(config: "LoraConfig") -> None:
+def check_combinations(config: Config) -> None:
     """peft's own __post_init__ checks, with peft's messages (peft 0.21.2 lora/config.py:1036-1113)."""
     if config.is_regex_target and config.layers_to_transform is not None:
         raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")

@@ -58,3 +58,22 @@ def test_the_key_prefix_is_written_in_one_module():
 def test_the_readme_states_reference_impl_s_size():
     lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "reference_impl").glob("*.py"))
     assert f"about {round(lines, -2):,} readable lines" in (ROOT / "README.md").read_text(), lines
+
+
+def test_no_import_circle_in_reference_impl():
+    """Each module reads top to bottom: no module imports one that imports it back, directly or through others
+    (lazy and TYPE_CHECKING imports included)."""
+    package = ROOT / "reference_impl"
+    graph = {}
+    for path in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {alias.name for alias in node.names}
+        graph[path.stem] = {name.split(".")[0] for name in imported} & {p.stem for p in package.glob("*.py")}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in graph[start])
+
+    circles = sorted(module for module in graph if reaches(module, module, {module}))
+    assert not circles, f"modules on an import circle: {circles}"
