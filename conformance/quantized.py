@@ -92,10 +92,6 @@ def load(model: nn.Module, scheme: str, device: str, dtype: torch.dtype) -> nn.M
 
 # --- what the QLORA tests compute on their own, with bitsandbytes' functions --------------------------------------
 
-def is_quantized(module: nn.Module) -> bool:
-    return type(module.weight).__name__ in ("Params4bit", "Int8Params") if hasattr(module, "weight") else False
-
-
 def dense(layer: nn.Module) -> torch.Tensor:
     """The float weight a bitsandbytes layer computes with, (out, in)."""
     import bitsandbytes.functional as bnbf
@@ -120,8 +116,3 @@ def quantized_and_back(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         return bnbf.dequantize_4bit(codes, state)
     codes, scales, _ = bnbf.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
     return bnbf.int8_vectorwise_dequant(codes, scales)
-
-
-def parameter_count(param: torch.Tensor) -> int:
-    """QLORA-PARAM-001's rule: a Params4bit element holds two 4-bit values per byte of its storage dtype."""
-    return param.numel() * 2 * param.element_size() if type(param).__name__ == "Params4bit" else param.numel()

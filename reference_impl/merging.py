@@ -27,29 +27,37 @@ class Merging:
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weight; safe_merge checks for NaN/Inf first. Spec: LORA-MERGE-005."""
-        base, target = self.base_layer, self.adapted_weight()
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            weight = self.merged_weight(name, target.data.clone() if safe_merge else target.data,
+            weight = self.merged_weight(name, self.weight_to_change(copy=safe_merge),
                                         round_delta=safe_merge or self.rounds_delta_on_merge)
             bias = self.lora_bias_after_merge(name, sign=1)
             if safe_merge and not all(torch.isfinite(t).all() for t in (weight, bias) if t is not None):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            target.data = weight
+            self.store_weight(weight)
             if bias is not None:
-                base.bias.data = bias
+                self.base_layer.bias.data = bias
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Take merged adapters out again, last merged first. Spec: LORA-MERGE-003."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            target = self.adapted_weight()
-            target.data = self.unmerged_weight(name, target.data)
+            self.store_weight(self.unmerged_weight(name, self.weight_to_change(copy=False)))
             bias = self.lora_bias_after_merge(name, sign=-1)
             if bias is not None:
                 self.base_layer.bias.data = bias
+
+    def weight_to_change(self, copy: bool) -> torch.Tensor:
+        """The weight values merging starts from (a copy for safe_merge: a failed NaN check leaves the layer as it
+        was). A quantized layer dequantizes (quantized.py)."""
+        data = self.adapted_weight().data
+        return data.clone() if copy else data
+
+    def store_weight(self, weight: torch.Tensor) -> None:
+        """Make `weight` the layer's weight. A quantized layer quantizes it again (quantized.py)."""
+        self.adapted_weight().data = weight
 
     def merged_weight(self, name: str, weight: torch.Tensor, round_delta: bool = False) -> torch.Tensor:
         if name in self.lora_magnitude_vector:

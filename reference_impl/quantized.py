@@ -86,30 +86,14 @@ class QuantizedLinear(Linear):
         lora = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
         return result + lora.to(result.dtype)
 
-    def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
-        """Dequantize, add the delta (DoRA: rescale), quantize again. Spec: QLORA-MERGE-001."""
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            merged = self.merged_weight(name, self.dense_weight())
-            bias = self.lora_bias_after_merge(name, sign=1)  # scaled, as on float layers (docs/qlora.md)
-            if safe_merge and not all(torch.isfinite(t).all() for t in (merged, bias) if t is not None):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self.base_layer.weight = requantized(self.base_layer, merged)
-            if bias is not None:
-                self.base_layer.bias.data = bias
-            self.forget_int8_state()
-            self.merged_adapters.append(name)
+    def weight_to_change(self, copy: bool) -> torch.Tensor:
+        """Merging dequantizes (always a fresh tensor). Spec: QLORA-MERGE-001."""
+        return self.dense_weight()
 
-    def unmerge(self) -> None:
-        """Dequantize, take the delta out, quantize again: lossy (QLORA-MERGE-002)."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_layer.weight = requantized(self.base_layer, self.unmerged_weight(name, self.dense_weight()))
-            bias = self.lora_bias_after_merge(name, sign=-1)
-            if bias is not None:
-                self.base_layer.bias.data = bias
-            self.forget_int8_state()
+    def store_weight(self, weight: torch.Tensor) -> None:
+        """Quantize the merged (or unmerged: QLORA-MERGE-002) float weight again with the layer's settings."""
+        self.base_layer.weight = requantized(self.base_layer, weight)
+        self.forget_int8_state()
 
     def add_delta(self, name: str, weight: torch.Tensor, sign: int, round_delta: bool) -> torch.Tensor:
         """W ± s B A as a new float32 tensor. Not Merging's fused addmm_: the sum is quantized again, and another

@@ -14,6 +14,7 @@ from conformance import harness, models, quantized, scope, strategies
 from conformance.harness import BASE_WEIGHT, PREFIX
 from conformance.run import NOT_APPLICABLE, NOT_RUN
 from reference_impl.peft_format import scaling
+from reference_impl.quantized import parameter_count
 
 QUANTIZED = tuple(name for name, zoo in sorted(models.ZOO.items()) if zoo.quantized)
 QUANTIZED_KINDS = {models.BNB_4BIT, models.BNB_8BIT}
@@ -124,7 +125,7 @@ def test_counts_count_packed_weights_twice_per_byte(run, device, dtype, data):
     case = _draw(run, data)
     mine = run.wrap(case)
     trainable = sum(t.numel() for t in _trained(run.peft_state(mine.model)).values())
-    total = sum(quantized.parameter_count(p) for p in mine.base().parameters()) + trainable
+    total = sum(parameter_count(p) for p in mine.base().parameters()) + trainable  # peft's rule (SPEC)
     found = tuple(run.impl.trainable_parameters(mine.model))
     run.check(found == (trainable, total), f"(trainable, total) {found}, expected ({trainable}, {total}): packed "
                                            "4-bit weights count 2 per byte")
