@@ -144,6 +144,13 @@ def supports(driver, model: nn.Module, config: dict) -> Optional[str]:
     return hook(model, config) if hook is not None else None
 
 
+def base_quantizer(driver) -> str:
+    """What quantizes a quantized base when the driver does it with its own code instead of computing with the
+    base's bitsandbytes layers (its optional `base_quantizer` member, e.g. "torchao NF4"), else "". The QLORA
+    requirements then compare what the adapter adds to the driver's own base, not the outputs themselves."""
+    return getattr(driver, "base_quantizer", "") or ""
+
+
 def layout_of(driver) -> Optional[Layout]:
     """The driver's layout mapping, or None when it keeps peft's layout."""
     return getattr(driver, "layout", None)

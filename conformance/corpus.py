@@ -132,7 +132,7 @@ class Case:
 
 def stored(folder: Optional[Path] = None) -> Path:
     """The newest corpus version among the fixtures."""
-    corpus = (folder or golden.root()) / "corpus"
+    corpus = (golden.unpacked(folder) if folder else golden.root()) / "corpus"
     found = golden.versions(corpus) if corpus.is_dir() else []
     if not found:
         raise FileNotFoundError(f"{corpus}: no recorded corpus version (peft-conformance corpus generate)")
@@ -170,7 +170,7 @@ def export(target: Path, folder: Optional[Path] = None) -> Path:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target}: exists and is not an empty folder; corpus export never overwrites")
     source = stored(folder)
-    fixtures = folder or golden.root()
+    fixtures = golden.unpacked(folder) if folder else golden.root()
     damaged = [p for p in golden.verify(fixtures) if p.startswith(str(source.relative_to(fixtures)))]
     if damaged:
         raise ValueError(f"the stored corpus does not match {golden.LOCK_NAME}: {damaged[:3]}")
@@ -280,5 +280,5 @@ def _write_version(root: Path, version: str) -> None:
 
 def generate(folder: Optional[Path] = None) -> str:
     """Record the next corpus version with the installed peft (two runs must write identical bytes)."""
-    fixtures = folder or golden.root()
-    return golden.record_version(fixtures / "corpus", _write_version, fixtures)
+    with golden.editable(folder or golden.source()) as fixtures:
+        return golden.record_version(fixtures / "corpus", _write_version, fixtures)

@@ -282,7 +282,9 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
           ("nf4", BNB_4BIT, "NF4, computing in the run's dtype"),
           ("fp4-dq", BNB_4BIT, "FP4 with double quantization, computing in the run's dtype"),
           ("nf4-bf16", BNB_4BIT, "NF4, computing in bfloat16 whatever the run's dtype"),
-          ("int8", BNB_8BIT, "int8 rows (LLM.int8(), bitsandbytes' default outlier threshold 6)")]],
+          ("int8", BNB_8BIT, "int8 rows (LLM.int8(), bitsandbytes' default outlier threshold 6)"),
+          ("qlora", BNB_4BIT, "the QLoRA recipe: NF4 with double quantization computing in bfloat16, prepared for "
+                              "k-bit training (half-precision weights upcast to float32, gradient checkpointing)")]],
     # For target_parameters (LORA-TPARAM-*): the parameters are named in ZooModel.parameters; not drawn elsewhere.
     ZooModel("moe", MoE, _tensor_inputs(2, 5, 12), {LINEAR: ("head",)}, drawn=False,
              parameters=("experts.gate_up_proj", "experts.down_proj", "router.weight"),
@@ -313,6 +315,11 @@ def _built(name: str, seed: int) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return ZOO[name].build().eval()
+
+
+def build_float(name: str, seed: int = 0) -> nn.Module:
+    """A fresh copy of the float model zoo model `name` is (a quantized one: the model it is quantized from)."""
+    return copy.deepcopy(_built(name, seed))
 
 
 def build(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:

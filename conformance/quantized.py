@@ -26,6 +26,9 @@ SCHEMES = {
                "compute": None},
     "nf4-bf16": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "compute": torch.bfloat16},
     "int8": {"load_in_8bit": True},
+    # the QLoRA paper's recipe, as users run it: then prepared for k-bit training (reference_impl.quantized)
+    "qlora": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+              "compute": torch.bfloat16, "prepared": True},
 }
 _QUIET = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions")
 
@@ -61,16 +64,47 @@ def _saved(model: nn.Module) -> Path:
     return folder
 
 
-@functools.lru_cache(maxsize=32)
-def _loaded(scheme: str, device: str, dtype: torch.dtype, folder: Path) -> nn.Module:
+def bnb_fields(scheme: str, dtype: torch.dtype) -> dict:
+    """The BitsAndBytesConfig fields of `scheme` on a run in `dtype`, JSON-ready (dtypes by name)."""
+    fields = {k: v for k, v in SCHEMES[scheme].items() if k not in ("compute", "prepared")}
+    if fields.get("load_in_4bit"):
+        fields["bnb_4bit_compute_dtype"] = str(SCHEMES[scheme]["compute"] or dtype).removeprefix("torch.")
+    return fields
+
+
+def from_folder(folder: Path, fields: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A saved float model loaded through BitsAndBytesConfig(**fields), as users load a QLoRA base."""
+    if not available():
+        raise ImportError(missing_reason())
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    fields = {k: v for k, v in SCHEMES[scheme].items() if k != "compute"}
-    if fields.get("load_in_4bit"):
-        fields["bnb_4bit_compute_dtype"] = SCHEMES[scheme]["compute"] or dtype
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**fields),
                                                  dtype=dtype, device_map=device)
     return without_cpu_repacking(model).eval()
+
+
+def from_float(model: nn.Module, fields: dict) -> nn.Module:
+    """A float transformers `model` quantized as from_pretrained quantizes it (the golden fixtures store the float
+    weights and `fields`: quantizing is deterministic, so that rebuilds the same quantized weights)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        quantized = from_folder(Path(folder), fields)
+    quantized.name_or_path = quantized.config._name_or_path = ""  # not the scratch folder, which peft would write
+    # into adapter_config.json
+    return quantized
+
+
+@functools.lru_cache(maxsize=32)
+def _loaded(scheme: str, device: str, dtype: torch.dtype, folder: Path) -> nn.Module:
+    model = from_folder(folder, bnb_fields(scheme, dtype), device, dtype)
+    if SCHEMES[scheme].get("prepared"):
+        from reference_impl.quantized import prepare_for_kbit_training  # as peft's (tests/unit/test_quantized.py)
+
+        prepare_for_kbit_training(model)
+    return model
 
 
 def without_cpu_repacking(model: nn.Module) -> nn.Module:
@@ -85,8 +119,6 @@ def without_cpu_repacking(model: nn.Module) -> nn.Module:
 def load(model: nn.Module, scheme: str, device: str, dtype: torch.dtype) -> nn.Module:
     """The float zoo `model` quantized by `scheme`, on `device`, its other weights in `dtype` (cached: callers
     copy it)."""
-    if not available():
-        raise ImportError(missing_reason())
     return _loaded(scheme, device, dtype, _saved(model))
 
 

@@ -33,6 +33,7 @@ class TestOutcome:
     blocked_by: list[str] = field(default_factory=list)  # preconditions that failed
     unexpected: dict = field(default_factory=dict)  # req -> message: expected failures that passed
     out_of_scope: dict = field(default_factory=dict)  # the driver's scope refusals -> count
+    comparisons: dict = field(default_factory=dict)  # req -> how it was compared, where not directly
     expectations_seen: list[str] = field(default_factory=list)
     reason: str = ""  # why the whole test did not run
     repro: str = ""
@@ -60,7 +61,7 @@ class TestOutcome:
         if self.outcome in ("not applicable", "not run"):
             return self.outcome, self.reason
         if req in self.held:
-            return "passed", ""
+            return "passed", self.comparisons.get(req, "")
         if self.blocked_by:
             return "not run", f"blocked: {', '.join(self.blocked_by)} failed first"
         if self.outcome == "failed":
@@ -98,7 +99,7 @@ class Results:
                 result.counts[kind] += 1
                 on_axis = result.axes.setdefault(axis, dict.fromkeys(result.counts, 0))
                 on_axis[kind] += 1
-                if reason and kind != "passed":
+                if reason:  # a pass has one only when compared otherwise than directly
                     result.reasons.add(reason)
                 for failure in outcome.failures:
                     if failure["req"] == req and not failure.get("expected"):
@@ -208,11 +209,12 @@ def to_markdown(report: dict) -> str:
     lines = [f"### peft-conformance: {impl.get('name')} {impl.get('version', '')}", "",
              f"{totals} (spec v{report['spec_version']}, suite {report['suite_version']}; the requirements' texts: "
              "SPEC.md, printed by `peft-conformance spec`)", "",
-             "| requirement | level | status | worst error | title | why not a pass |", "|---|---|---|---|---|---|"]
+             "| requirement | level | status | worst error | title | why not a pass, or how it was compared |",
+             "|---|---|---|---|---|---|"]
     for req, r in report["requirements"].items():
         worst = f"{r['worst']['max_abs']:.2g} ({r['worst']['tolerance']})" if r["worst"] else ""
-        why = "" if r["status"] == "pass" else _cell("; ".join(r["reasons"]) or (
-            r["failures"][0]["message"].splitlines()[0] if r["failures"] else ""))
+        why = _cell("; ".join(r["reasons"]) or (
+            r["failures"][0]["message"].splitlines()[0] if r["failures"] and r["status"] != "pass" else ""))
         lines.append(f"| {req} | {r['level']} | {r['status']} | {worst} | {_cell(r['title'])} | {why} |")
     failing = [(req, f) for req, r in report["requirements"].items() for f in r["failures"][:2]]
     if failing:

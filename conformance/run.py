@@ -67,7 +67,7 @@ class Run:
         needed = {c for req in self.verdict.applicable for c in spec.requirement(req).capabilities}
         self.impl = EntitledDriver(self.impl, api.members_entitled(needed), self.verdict.applicable)
         # The assertions, bound to this test's requirements and recorded on its item (conformance/verdict.py).
-        for name in ("check", "fail", "raises", "same_keys", "close", "equal", "all_close", "require"):
+        for name in ("check", "fail", "raises", "same_keys", "close", "equal", "all_close", "require", "compared_as"):
             setattr(self, name, getattr(self.verdict, name))
 
     # --- the implementations ------------------------------------------------------------------------------------

@@ -107,3 +107,30 @@ class QuantizedLinear(Linear):
         state = getattr(self.base_layer, "state", None)
         if state is not None:
             state.reset_grads()
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """What QLoRA recipes do to a transformers model loaded in 4 or 8 bits before wrapping it, as peft's
+    prepare_model_for_kbit_training does it (peft 0.21.2, utils/other.py), so that training through the reference
+    computes what training through peft computes:
+    - every parameter frozen;
+    - every float16 / bfloat16 parameter except packed 4-bit weights cast to float32 (norms, embeddings, lm_head:
+      the hidden states then flow in float32 and each quantized layer casts to its compute dtype and back);
+    - with `gradient_checkpointing`: the input embeddings' output made to require grad, then reentrant
+      checkpointing turned on. Checkpointing re-runs each block in the backward pass, and the reentrant kind passes
+      no gradient into a block whose inputs need none: without the first step the adapters inside get none.
+    Spec: QLORA-PREP-001."""
+    model.requires_grad_(False)
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+            param.data = param.data.float()
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+        # peft passes no use_reentrant, so torch's default applies: True (with a warning), said here explicitly.
+        # transformers 5 renamed the method (the old name warns); 4.x has only the old one.
+        kind = {"use_reentrant": True}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kind)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kind)
+    return model

@@ -77,10 +77,7 @@ class SwapDriver:
         for path, module in list(model.named_modules()):
             if path and (path in targets or any(path.endswith("." + t) for t in targets)):
                 layer = self.make_layer(module, config, path)
-                layer.weight = module.weight  # shared, not copied
-                if getattr(module, "bias", None) is not None:
-                    layer.bias = module.bias
-                layer.to(device=module.weight.device, dtype=module.weight.dtype)  # as a user would: one dtype
+                self.take_base(layer, module)
                 layer.train(module.training)
                 originals[path] = module
                 parent, _, child = path.rpartition(".")
@@ -90,6 +87,13 @@ class SwapDriver:
         model.swap_originals, model.swap_config = originals, config  # what unload and save need
         self.freeze(model, config)
         return model
+
+    def take_base(self, layer: nn.Module, module: nn.Module) -> None:
+        """The new layer computes with the base module's weight and bias: shared, not copied."""
+        layer.weight = module.weight
+        if getattr(module, "bias", None) is not None:
+            layer.bias = module.bias
+        layer.to(device=module.weight.device, dtype=module.weight.dtype)  # as a user would: one dtype
 
     def lora_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         return {path: model.get_submodule(path) for path in model.swap_originals}

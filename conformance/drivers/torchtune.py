@@ -6,6 +6,8 @@ keys map one to one: `<path>.lora_a.weight` is peft's `<path>.lora_A.weight` (th
 Pins: torchao==0.17.0 (0.18 removed torchao.dtypes.nf4tensor, which torchtune 0.6.1 imports).
 """
 
+import math
+
 import torch
 import torchtune
 from torch import nn
@@ -77,3 +79,56 @@ class TorchtuneDriver(SwapDriver):
         """What torchtune's tune_to_peft_adapter_config writes: these four keys and no others."""
         config = model.swap_config
         return {"r": config["r"], "lora_alpha": config["lora_alpha"], "target_modules": config["target_modules"]}
+
+
+class TorchtuneQLoRADriver(TorchtuneDriver):
+    """torchtune's QLoRA: LoRALinear(quantize_base=True) in place of each bitsandbytes NF4 Linear4bit target. The
+    base weight is quantized again by torchao's NF4 (to_nf4 of the float weight bitsandbytes computes with: blocks
+    of 64, the block scales quantized to int8 in blocks of up to 256), so the base computes a little otherwise
+    than bitsandbytes' and the suite compares what the adapter adds (`base_quantizer`). Float32 runs only:
+    torchtune computes the adapter in the input's dtype, peft in float32. No merge: torchtune merges only
+    unquantized checkpoints (get_merged_lora_ckpt)."""
+
+    name = "torchtune-qlora"
+    capabilities = frozenset({"autograd", "bnb_4bit", "dropout", "save_load", "disable", "unload"})
+    base_quantizer = "torchao NF4 (torchtune LoRALinear(quantize_base=True))"
+
+    def supports(self, model: nn.Module, config: dict):
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtypes != {torch.float32}:
+            return f"{self.name} runs float32 bases only (torchtune computes the adapter in the input's dtype)"
+        targets = config.get("target_modules") or ()
+        for path, module in model.named_modules():
+            if path.rpartition(".")[2] in targets and getattr(module.weight, "quant_type", "nf4") != "nf4":
+                return f"{self.name} quantizes with NF4 only, {path} is {module.weight.quant_type}"
+        return super().supports(model, config)
+
+    def make_layer(self, module: nn.Module, config: dict, path: str) -> nn.Module:
+        from torchao.dtypes.nf4tensor import to_nf4
+
+        from reference_impl.quantized import dequantized
+
+        if type(module).__name__ != "Linear4bit":
+            raise ValueError(f"Target module {path} ({type(module).__name__}) is not supported: {self.name} "
+                             "replaces bitsandbytes Linear4bit layers")
+        dense = dequantized(module).float()
+        blocks = dense.numel() // 64
+        scales = math.gcd(blocks, 256)  # torchao needs the block count divisible by the scale block size
+        layer = LoRALinear(module.in_features, module.out_features, rank=config["r"], alpha=config["lora_alpha"],
+                           dropout=config["lora_dropout"], use_bias=module.bias is not None, quantize_base=True,
+                           block_size=64, scaler_block_size=scales)
+        layer.weight = nn.Parameter(to_nf4(dense, block_size=64, scaler_block_size=scales), requires_grad=False)
+        return layer
+
+    def trainable_parameters(self, model: nn.Module) -> tuple[int, int]:
+        """torchtune has no counter; the driver counts as peft does: the bitsandbytes layers left in the model hold
+        packed 4-bit weights (two values per byte), torchao's NF4Tensor reports its unpacked numel."""
+        from reference_impl.quantized import parameter_count
+
+        params = list(model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(parameter_count(p) for p in params)
+
+    def take_base(self, layer: nn.Module, module: nn.Module) -> None:
+        if module.bias is not None:
+            layer.bias = module.bias
+        layer.to(device=module.weight.device)

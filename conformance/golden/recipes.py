@@ -104,6 +104,13 @@ CASE_SPECS = [
     CaseSpec("lokr-convnet-cp", {"peft_type": "LOKR", "r": 1, "alpha": 2, "use_effective_conv2d": True,
                                  "target_modules": ["conv1", "conv2", "head"]}, ("LOKR-GOLD-001", "LOKR-FWD-001"),
              base="convnet"),
+    # v5: QLoRA bases (the float weights stored, quantized again on load: conformance/quantized.py).
+    CaseSpec("qlora-nf4-q_proj+v_proj", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+             ("QLORA-FWD-001", "QLORA-MERGE-001"), base="llama-nf4"),
+    CaseSpec("qlora-fp4-dq-dora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"],
+                                   "use_dora": True}, ("QLORA-DORA-001",), base="llama-fp4-dq"),
+    CaseSpec("qlora-int8-rslora", {"r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "up_proj"],
+                                   "use_rslora": True}, ("QLORA-FWD-001", "QLORA-MERGE-001"), base="llama-int8"),
 ]
 
 # Full-size GPT-2 on the meta device: (target_modules, r) -> (trainable, total), recorded from peft.

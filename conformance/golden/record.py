@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from reference_impl.peft_format import adapter_directory
 
-from .. import SPEC_VERSION, harness, models
+from .. import SPEC_VERSION, harness, models, quantized
 from ..drivers.peft_shaped import CONFIG_CLASSES
 from .diff import changes
 from .recipes import CASE_SPECS, COUNT_CONFIGS, CaseSpec
-from .store import COMBINED, LOCK_NAME, SECOND, aliases, fixture_files, read_lock, root, sha256, versions
+from .store import (COMBINED, LOCK_NAME, QUANTIZATION, SECOND, aliases, editable, fixture_files, read_lock, sha256,
+                    source, versions)
 
 
 def producers() -> dict:
@@ -32,8 +33,19 @@ def producers() -> dict:
 
 
 def _write_base(name: str, folder: Path) -> torch.nn.Module:
-    """Zoo model `name` from seed 0 into `folder`: its config and its weights, each shared tensor once."""
-    model = models.build(name, 0)
+    """Zoo model `name` from seed 0 into `folder`: its config and its weights, each shared tensor once. A quantized
+    base is stored as its float weights and the BitsAndBytesConfig fields (QUANTIZATION), from which quantizing
+    rebuilds the same quantized weights (store.base_model)."""
+    scheme = models.ZOO[name].quantized
+    if scheme:
+        fields = quantized.bnb_fields(scheme, torch.float32)
+        _write_base_weights(models.build_float(name, 0), folder)
+        (folder / QUANTIZATION).write_text(json.dumps(fields, indent=2, sort_keys=True))
+        return quantized.from_float(models.build_float(name, 0), fields)
+    return _write_base_weights(models.build(name, 0), folder)
+
+
+def _write_base_weights(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     folder.mkdir(parents=True)
     if hasattr(model, "config"):  # a plain torch model (the zoo's MoE) is rebuilt by the zoo
         (folder / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
@@ -130,10 +142,10 @@ def _write_version(folder: Path, version: str) -> None:
 def generate(folder: Optional[Path] = None, version: Optional[str] = None) -> tuple[str, list[str]]:
     """Write fixture version `version` (default: the next one) with the installed peft. Returns the version and what
     changed against the previous version."""
-    folder = folder or root()
-    existing = versions(folder)
-    version = record_version(folder, _write_version, folder, version)
-    return version, changes(folder, existing[-1], version) if existing else ["first version"]
+    with editable(folder or source()) as tree:
+        existing = versions(tree)
+        version = record_version(tree, _write_version, tree, version)
+        return version, changes(tree, existing[-1], version) if existing else ["first version"]
 
 
 def record_version(parent: Path, write, lock_folder: Path, version: Optional[str] = None) -> str:

@@ -1,9 +1,18 @@
 """Reading golden fixtures: where they are, their cases, their stored base models, and their integrity against
-FIXTURES.lock. Needs no peft."""
+FIXTURES.lock. Needs no peft.
 
+The fixtures ship packed: FIXTURES.lock names the sha256 of every file of the tree (all versions, the corpus), and
+objects/<sha256> holds each content once (most versions repeat most files of the one
+before). `root()` gives the tree itself, built once per lock in the user's cache; a folder without objects/ (a
+user's own goldens, a copy) is the tree already.
+"""
+
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,7 +25,10 @@ from reference_impl.peft_format import adapter_directory
 from .. import models
 
 LOCK_NAME = "FIXTURES.lock"
+OBJECTS = "objects"
+QUANTIZATION = "quantization.json"  # beside a quantized base's float weights: its BitsAndBytesConfig fields
 ENV_ROOT = "PEFT_CONFORMANCE_FIXTURES"
+ENV_CACHE = "PEFT_CONFORMANCE_CACHE"  # where packed fixtures are unpacked (default: the user's cache folder)
 SECOND = "second"  # the name of the second adapter in the two-adapter cases
 COMBINED = "combined"  # the name of the adapter add_weighted_adapter makes in the weighted cases (v3 on)
 
@@ -63,8 +75,8 @@ class Case:
         return load_file(self.path / "expected.safetensors")
 
 
-def root() -> Path:
-    """The fixtures folder: $PEFT_CONFORMANCE_FIXTURES, the checkout's fixtures/, or the installed copy."""
+def source() -> Path:
+    """The fixtures folder as stored: $PEFT_CONFORMANCE_FIXTURES, the checkout's fixtures/, or the installed copy."""
     if os.environ.get(ENV_ROOT):
         return Path(os.environ[ENV_ROOT])
     here = Path(__file__).resolve().parents[1]  # the conformance package
@@ -72,15 +84,81 @@ def root() -> Path:
     return checkout if checkout.is_dir() else installed
 
 
+def root() -> Path:
+    """The fixture tree (versions, cases, corpus) of source(), unpacked if it is packed."""
+    return unpacked(source())
+
+
+def is_packed(folder: Path) -> bool:
+    return (folder / OBJECTS).is_dir()
+
+
+def object_path(folder: Path, digest: str) -> Path:
+    return folder / OBJECTS / digest  # one flat folder: a few hundred files, and no 4 KiB per subfolder on disk
+
+
+def _cache() -> Path:
+    folder = Path(os.environ.get(ENV_CACHE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                  / "peft-conformance")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def unpacked(folder: Path) -> Path:
+    """The tree a packed `folder` stores, built once in the cache under the hash of its lock (a changed lock gets a
+    new tree); `folder` itself when it is not packed. Built in a scratch folder and renamed into place, so a
+    half-built tree is never seen and two processes building it at once both end with a whole one."""
+    if not is_packed(folder):
+        return folder
+    lock = (folder / LOCK_NAME).read_bytes()
+    target = _cache() / f"fixtures-{hashlib.sha256(lock).hexdigest()[:16]}"
+    if target.is_dir():
+        return target
+    scratch = Path(tempfile.mkdtemp(prefix="unpacking-", dir=_cache()))
+    for name, digest in json.loads(lock)["sha256"].items():
+        (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(object_path(folder, digest), scratch / name)
+    (scratch / LOCK_NAME).write_bytes(lock)
+    try:
+        scratch.rename(target)
+    except OSError:  # another process renamed its tree into place first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def pack(tree: Path, folder: Path) -> None:
+    """Store `tree` (a fixture tree with its lock) packed in `folder`: the objects it lacks, then the lock."""
+    for name, digest in read_lock(tree).items():
+        target = object_path(folder, digest)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tree / name, target)
+    shutil.copyfile(tree / LOCK_NAME, folder / LOCK_NAME)
+
+
+@contextlib.contextmanager
+def editable(folder: Path):
+    """A fixture tree to record into: `folder` itself, or for a packed folder a scratch copy of its tree, packed
+    back into it when the block ends without an error (nothing is stored otherwise)."""
+    if not is_packed(folder):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "tree"
+        shutil.copytree(unpacked(folder), tree)
+        yield tree
+        pack(tree, folder)
+
+
 def versions(folder: Optional[Path] = None) -> list[str]:
-    folder = folder or root()
+    folder = unpacked(folder) if folder else root()
     found = [p.name for p in folder.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
     return sorted(found, key=lambda v: int(v[1:]))
 
 
 def cases(folder: Optional[Path] = None) -> list[Case]:
     """Every stored case of every version: the gate checks them all."""
-    folder = folder or root()
+    folder = unpacked(folder) if folder else root()
     out = []
     for version in versions(folder):
         for path in sorted((folder / version / "cases").iterdir()):
@@ -95,12 +173,17 @@ def base_model(version: str, folder: Optional[Path] = None, name: str = "gpt2-ti
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if name != "gpt2-tiny":
-        model = models.build(name)
-        stored = load_file((folder or root()) / version / "bases" / name / "model.safetensors")
+        stored_in = (folder or root()) / version / "bases" / name
+        model = models.build_float(name)
+        stored = load_file(stored_in / "model.safetensors")
         missing, unexpected = model.load_state_dict(in_this_transformers(stored, model), strict=False)
         if unexpected or set(missing) - set(aliases(model)):
             raise ValueError(f"{version}/bases/{name}: the stored weights do not fit the zoo's {name} (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+        if (stored_in / QUANTIZATION).is_file():
+            from .. import quantized
+
+            return quantized.from_float(model, json.loads((stored_in / QUANTIZATION).read_text()))
         return model.eval()
     base = (folder or root()) / version / "base"
     model = GPT2LMHeadModel(GPT2Config.from_dict(json.loads((base / "config.json").read_text())))
@@ -143,15 +226,38 @@ def read_lock(folder: Optional[Path] = None) -> dict[str, str]:
 
 
 def verify(folder: Optional[Path] = None) -> list[str]:
-    """Problems with the fixtures against their lock: changed, missing and unlocked files."""
-    folder = folder or root()
+    """Problems with the fixtures as stored (default: source()) against their lock: changed, missing and unlocked
+    files; for a packed folder, objects whose content is not their name, missing or not locked."""
+    folder = folder or source()
     locked = read_lock(folder)
+    if is_packed(folder):
+        return _verify_packed(folder, locked)
     present = {str(p.relative_to(folder)): p for p in fixture_files(folder)}
     problems = [f"{name}: sha256 differs from {LOCK_NAME}" for name, path in present.items()
                 if name in locked and sha256(path) != locked[name]]
     problems += [f"{name}: locked but missing" for name in sorted(set(locked) - set(present))]
     problems += [f"{name}: not in {LOCK_NAME}" for name in sorted(set(present) - set(locked))]
     return problems
+
+
+def _verify_packed(folder: Path, locked: dict[str, str]) -> list[str]:
+    wanted = set(locked.values())
+    problems = [f"{name}: its content {digest[:12]}... is missing from {OBJECTS}/" for name, digest in locked.items()
+                if not object_path(folder, digest).is_file()]
+    for path in fixture_files(folder):
+        name = str(path.relative_to(folder))
+        if path.parent != folder / OBJECTS:
+            problems.append(f"{name}: not part of a packed fixtures folder ({LOCK_NAME} and {OBJECTS}/ only)")
+        elif path.name not in wanted:
+            problems.append(f"{name}: not in {LOCK_NAME}")
+        elif sha256(path) != path.name:
+            problems.append(f"{name}: sha256 differs from its name (the content of {_locked_as(locked, path.name)})")
+    return problems
+
+
+def _locked_as(locked: dict[str, str], digest: str) -> str:
+    names = sorted(name for name, d in locked.items() if d == digest)
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def aliases(model: torch.nn.Module) -> list[str]:

@@ -33,9 +33,9 @@ def _in_scope(run, case: golden.Case) -> None:
         pytest.skip(f"{NOT_APPLICABLE}{run.impl.name} does not declare {', '.join(missing)}")
     try:
         base = case.base_model()
-    except Exception as error:  # a model class this transformers builds differently from the recording's
-        pytest.skip(f"{NOT_RUN}case {case.id}: its stored base model cannot be built with transformers "
-                    f"{transformers.__version__}: {error}")
+    except Exception as error:  # a model class this transformers builds otherwise, bitsandbytes not installed
+        pytest.skip(f"{NOT_RUN}case {case.id}: its stored base model cannot be built here (transformers "
+                    f"{transformers.__version__}): {error}")
     run.fixed(case.id, case.manifest["config"], case.adapter_name, base=base)
 
 

@@ -10,10 +10,46 @@ from tests.conftest import ROOT, run_suite
 
 
 def test_fixtures_match_their_lock_and_stay_small():
-    assert golden.verify() == []
-    # Each version records every case again (about 2 MB each for v3 and v4), plus the consumer corpus (1.4 MB):
-    # 7.0 MB with v4.
-    assert sum(p.stat().st_size for p in golden.fixture_files(golden.root())) < 9_000_000
+    assert golden.is_packed(golden.source()) and golden.verify() == []
+    # Each version records every case again, plus the consumer corpus: 7.0 MB unpacked with v4, 3.0 MB packed
+    # (316 distinct contents of 775 files). The packed form is what ships.
+    assert sum(p.stat().st_size for p in golden.fixture_files(golden.source())) < 5_000_000
+
+
+def test_the_store_holds_each_content_once_and_unpacks_to_its_lock():
+    locked = golden.read_lock(golden.source())
+    objects = [p for p in (golden.source() / golden.OBJECTS).rglob("*") if p.is_file()]
+    assert sorted(p.name for p in objects) == sorted(set(locked.values()))
+    tree = golden.root()
+    assert tree != golden.source() and golden.read_lock(tree) == locked
+    assert {str(p.relative_to(tree)): golden.sha256(p) for p in golden.fixture_files(tree)} == locked
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("flip", "sha256 differs from its name (the content of "), ("remove", "is missing from objects/"),
+    ("extra", "not in FIXTURES.lock"), ("loose", "not part of a packed fixtures folder")])
+def test_a_damaged_store_fails_verify(tmp_path, damage, expected):
+    copy = tmp_path / "fixtures"
+    shutil.copytree(golden.source(), copy)
+    target = sorted((copy / golden.OBJECTS).glob("*"))[0]
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01  # one bit
+        target.write_bytes(bytes(data))
+    elif damage == "remove":
+        target.unlink()
+    elif damage == "extra":
+        (target.parent / ("0" * 64)).write_bytes(b"not locked")
+    else:
+        (copy / "v1").mkdir()
+        (copy / "v1" / "stray.json").write_text("{}")
+    problems = golden.verify(copy)
+    assert len(problems) == 1 and expected in problems[0], problems
+    from typer.testing import CliRunner
+
+    from conformance.cli import app
+    result = CliRunner().invoke(app, ["fixtures", "verify", "--folder", str(copy)])
+    assert result.exit_code == 1 and expected in result.output
 
 
 def test_every_case_has_its_files_and_manifest():
@@ -55,10 +91,11 @@ def test_a_driver_one_logit_off_by_1e_3_fails(tmp_path):
     assert entry["worst"]["max_abs"] == pytest.approx(1e-3, rel=0.01)
 
 
-def test_generate_refuses_to_overwrite_and_records_a_new_version(tmp_path):
+def test_generate_refuses_to_overwrite_and_records_a_new_version(tmp_path, monkeypatch):
     pytest.importorskip("peft")
-    copy = tmp_path / "fixtures"
-    shutil.copytree(golden.root(), copy)
+    copy = tmp_path / "fixtures"  # packed, as stored: the new version's new contents are added to its objects
+    shutil.copytree(golden.source(), copy)
+    monkeypatch.setenv(golden.ENV_CACHE, str(tmp_path / "cache"))
     with pytest.raises(FileExistsError, match="never rewritten"):
         golden.generate(copy, "v1")
     version, changed = golden.generate(copy)
@@ -68,8 +105,9 @@ def test_generate_refuses_to_overwrite_and_records_a_new_version(tmp_path):
     moved = [line for line in changed if line != "no change"]
     assert all(" logits moved by " in line for line in moved), moved
     assert all(float(line.rsplit(" ", 1)[1]) <= spec.tolerances()["golden"].atol for line in moved), moved
-    assert golden.verify(copy) == []
-    assert (copy / "v1").exists() and golden.read_lock(copy).keys() >= golden.read_lock(ROOT / "fixtures").keys()
+    assert golden.verify(copy) == [] and golden.is_packed(copy)
+    assert (golden.unpacked(copy) / version).is_dir()
+    assert golden.read_lock(copy).keys() > golden.read_lock(ROOT / "fixtures").keys()
 
 
 def _export_results(results, nudge: float = 0.0):

@@ -174,3 +174,35 @@ class SetAdapterSkipsQuantizedLayers(Mutant):
         super().set_adapter(model, adapter_name)
         for layer, names in kept.items():
             layer.active_adapters = names
+
+
+class RecreatesTheInputEmbeddings(Mutant):
+    """Wrapping re-creates the input embedding module from its weight (as libraries that resize or wrap embeddings
+    do): the forward hook prepare_model_for_kbit_training put on it is gone, so under gradient checkpointing the
+    adapters inside the checkpointed blocks get no gradient."""
+
+    kills, test = ("QLORA-PREP-001",), "test_qlora::test_training_on_a_prepared_base_gives_the_formula_s_gradients"
+
+    def after_wrap(self, model, config: dict) -> None:
+        for name, module in list(model.named_modules()):
+            if name.endswith("embed_tokens") and type(module) is nn.Embedding:
+                parent, _, child = name.rpartition(".")
+                fresh = nn.Embedding.from_pretrained(module.weight, freeze=True, padding_idx=module.padding_idx)
+                setattr(model.get_submodule(parent), child, fresh)
+
+
+class OwnQuantizerScalesTwice(Mutant):
+    """A library that quantizes the base itself (it says so: base_quantizer) and scales its adapter by
+    2 * alpha / r: comparing what the adapter adds over each side's own base still finds the doubled term."""
+
+    kills, test = ("QLORA-FWD-001",), "test_qlora::test_output_is_the_formula_on_the_quantized_base"
+    base_quantizer = "bitsandbytes, called by this library"
+
+    def __init__(self):
+        super().__init__()
+        adapter_output = QuantizedLinear.adapter_output
+
+        def doubled(layer, name, x, result):
+            return 2 * adapter_output(layer, name, x, result) - result
+
+        QuantizedLinear.adapter_output = doubled
