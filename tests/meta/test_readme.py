@@ -44,10 +44,14 @@ def test_readme_qlora_example_prints_what_peft_prints():
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"## QLoRA.*?```python\n(.*?)```", readme, re.S).group(1)
     stated = re.search(r"# (trainable params: .*)", code).group(1)
+    as_peft = {"from reference_impl import": "from peft import", "from reference_impl.quantized import "
+               "prepare_for_kbit_training": "from peft import prepare_model_for_kbit_training as prepare_for_kbit_training"}
+    assert all(line in code for line in as_peft)
     for library in ("reference_impl", "peft"):
-        printed = io.StringIO()
+        printed, source = io.StringIO(), code
+        for ours, theirs in as_peft.items() if library == "peft" else ():
+            source = source.replace(ours, theirs)
         with contextlib.redirect_stdout(printed):
-            exec(compile(code.replace("from reference_impl import", f"from {library} import"), "README.md", "exec"),
-                 {})
+            exec(compile(source, "README.md", "exec"), {})
         assert printed.getvalue().strip() == stated == \
             "trainable params: 139,264 || all params: 1,963,264 || trainable%: 7.0935", library
