@@ -91,10 +91,9 @@ def from_float(model: nn.Module, fields: dict) -> nn.Module:
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        quantized = from_folder(Path(folder), fields)
-    quantized.name_or_path = quantized.config._name_or_path = ""  # not the scratch folder, which peft would write
-    # into adapter_config.json
-    return quantized
+        loaded = from_folder(Path(folder), fields)
+    loaded.name_or_path = loaded.config._name_or_path = ""  # peft would write the scratch folder into its config
+    return loaded
 
 
 @functools.lru_cache(maxsize=32)

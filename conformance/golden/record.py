@@ -39,14 +39,14 @@ def _write_base(name: str, folder: Path) -> torch.nn.Module:
     scheme = models.ZOO[name].quantized
     if scheme:
         fields = quantized.bnb_fields(scheme, torch.float32)
-        _write_base_weights(models.build_float(name, 0), folder)
+        (folder / QUANTIZATION).parent.mkdir(parents=True)
         (folder / QUANTIZATION).write_text(json.dumps(fields, indent=2, sort_keys=True))
-        return quantized.from_float(models.build_float(name, 0), fields)
+        return quantized.from_float(_write_base_weights(models.build_float(name, 0), folder), fields)
     return _write_base_weights(models.build(name, 0), folder)
 
 
 def _write_base_weights(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "config"):  # a plain torch model (the zoo's MoE) is rebuilt by the zoo
         (folder / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
     shared = set(aliases(model))

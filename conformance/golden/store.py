@@ -98,8 +98,8 @@ def object_path(folder: Path, digest: str) -> Path:
 
 
 def _cache() -> Path:
-    folder = Path(os.environ.get(ENV_CACHE) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                  / "peft-conformance")
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peft-conformance"
+    folder = Path(os.environ.get(ENV_CACHE) or default)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -44,8 +44,9 @@ def test_readme_qlora_example_prints_what_peft_prints():
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"## QLoRA.*?```python\n(.*?)```", readme, re.S).group(1)
     stated = re.search(r"# (trainable params: .*)", code).group(1)
-    as_peft = {"from reference_impl import": "from peft import", "from reference_impl.quantized import "
-               "prepare_for_kbit_training": "from peft import prepare_model_for_kbit_training as prepare_for_kbit_training"}
+    as_peft = {"from reference_impl import": "from peft import",
+               "from reference_impl.quantized import prepare_for_kbit_training":
+                   "from peft import prepare_model_for_kbit_training as prepare_for_kbit_training"}
     assert all(line in code for line in as_peft)
     for library in ("reference_impl", "peft"):
         printed, source = io.StringIO(), code
