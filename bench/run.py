@@ -29,10 +29,11 @@ import peft
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import reference_impl as ref
-from conformance import harness, models
+from conformance.engine import harness
+from conformance.zoo import models
 from conformance.drivers.peft import PeftDriver
 from conformance.drivers.reference import ReferenceDriver
-from conformance.strategies import Case
+from conformance.engine.strategies import Case
 from reference_impl.peft_format import PREFIX
 
 TARGETS = ["c_attn", "c_proj"]

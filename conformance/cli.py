@@ -83,7 +83,7 @@ def corpus_export(directory: str = typer.Argument(..., help="a new (or empty) fo
     """Write the consumer corpus (bases, adapters, inputs, expected logits, manifest and its schema) to DIRECTORY."""
     from pathlib import Path
 
-    from . import corpus
+    from .consumer_kit import corpus
 
     try:
         written = corpus.export(Path(directory), Path(folder) if folder else None)
@@ -99,7 +99,7 @@ def corpus_generate(folder: str = typer.Option(None, help="fixtures folder (defa
     """Record a NEW corpus version with the installed peft; never edits an old one."""
     from pathlib import Path
 
-    from . import corpus
+    from .consumer_kit import corpus
 
     try:
         typer.echo(f"wrote corpus {corpus.generate(Path(folder) if folder else None)}")
@@ -116,7 +116,7 @@ def corpus_run(consumer: str = typer.Argument(..., help="reference, transformers
     """Compute every corpus case with a shipped consumer; then check with golden-check --corpus."""
     from pathlib import Path
 
-    from . import consumers
+    from .consumer_kit import consumers
 
     try:
         done = consumers.run(consumer, Path(corpus_dir), Path(results), tuple(case or ()))
@@ -140,7 +140,7 @@ def record(directory: str = typer.Argument(..., help="a new (or empty) folder fo
     """Record what your adapters compute today (with the installed peft), to verify after every upgrade."""
     from pathlib import Path
 
-    from . import gate
+    from .adapter_kit import gate
 
     try:
         manifest = gate.record(Path(directory), base, [Path(a) for a in adapter], Path(inputs) if inputs else None,
@@ -165,7 +165,8 @@ def verify(directory: str = typer.Argument(..., help="a folder `peft-conformance
     """Reload every recorded adapter, recompute, re-save: exit 1 if anything moved beyond its tolerance."""
     from pathlib import Path
 
-    from . import gate, report, terminal
+    from .adapter_kit import gate
+    from .engine import report, terminal
 
     try:
         found = gate.verify(Path(directory), impl, base)
@@ -194,7 +195,7 @@ def compare(reports: list[str] = typer.Argument(..., help="JSON reports, or fold
     """One table from several JSON reports: requirements as rows, implementations as columns."""
     from pathlib import Path
 
-    from .report import cases_markdown, compare_markdown
+    from .engine.report import cases_markdown, compare_markdown
 
     paths = [p for r in reports for p in (sorted(Path(r).glob("*.json")) if Path(r).is_dir() else [Path(r)])]
     table = compare_markdown(paths)
@@ -218,7 +219,7 @@ def check_adapter(directory: str = typer.Argument(..., help="the adapter directo
     """Validate an adapter directory written by any tool; exit 1 on any error."""
     import json as json_module
 
-    from .check_adapter import check
+    from .adapter_kit.check_adapter import check
 
     note = ""
     if base is None:
@@ -291,7 +292,8 @@ def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits
     import json
     from pathlib import Path
 
-    from . import consumer_check, expectations as expectations_module, report, terminal
+    from .consumer_kit import consumer_check
+    from .engine import expectations as expectations_module, report, terminal
 
     try:
         goldens = (consumer_check.corpus_goldens(Path(corpus_dir)) if corpus_dir

@@ -20,10 +20,12 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.errors import HypothesisException
 
-from . import api, checks, expectations, outcomes, quantized, report, spec
-from .run import NOT_APPLICABLE, NOT_RUN, Run
-from .terminal import print_summary
-from .verdict import Verdict
+from . import api, spec
+from .engine import checks, expectations, outcomes, report
+from .zoo import quantized
+from .engine.run import NOT_APPLICABLE, NOT_RUN, Run
+from .engine.terminal import print_summary
+from .engine.verdict import Verdict
 
 ENV = "PEFT_CONFORMANCE_"
 SUITE_DIR = str(Path(__file__).parent / "suite")
@@ -233,7 +235,7 @@ def peft_devices(request) -> list[str]:
 
 @pytest.fixture
 def run(request) -> Run:
-    """The test's driver, oracle, axis and verdict (conformance/run.py)."""
+    """The test's driver, oracle, axis and verdict (conformance/engine/run.py)."""
     state = request.config.stash[state_key]
     device, dtype = outcomes.axis(request.node)
     return Run(state.impl(), state.oracle(), device, DTYPES[dtype], request.node.stash[verdict_key])

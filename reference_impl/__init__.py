@@ -28,8 +28,8 @@ __all__ = [
     "LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "METHODS", "config_from_dict", "TunerModel",
     "PeftModel", "get_peft_model", "inject_adapter_in_model",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "PEFT_SPEC_VERSION", "peft_format",
-    # For tools that inspect adapters without loading them (conformance/check_adapter.py): which modules a config
-    # selects, with which rank, what layer LoRA would put there, what a file holds.
+    # For tools that inspect adapters without loading them (conformance/adapter_kit/check_adapter.py): which modules
+    # a config selects, with which rank, what layer LoRA would put there, what a file holds.
     "make_lora_layer", "matches_target", "pattern_value", "resolve_targets", "unmatched_pattern_keys",
     "with_task_heads", "read_weights", "PEFT_ONLY_FIELDS",
 ]

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def tiny_gpt2():
     """The tiny GPT-2 of the research notes ("TG2"): seed 0, width 32, 2 layers, vocab 100, eval mode."""
-    from conformance import models
+    from conformance.zoo import models
 
     return lambda: models.build("gpt2-tiny", 0)
 

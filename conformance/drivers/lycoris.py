@@ -26,7 +26,7 @@ from reference_impl import config_from_dict, peft_format
 from reference_impl.peft_format import PREFIX
 from reference_impl.targeting import EMBEDDING_NAMES
 
-from .. import scope
+from ..engine import scope
 
 logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs every network it builds at INFO
 

@@ -14,7 +14,7 @@ Versions are append-only: `generate` writes a new version folder and never edits
 
 Modules by job: store.py reads a fixtures folder and checks it against its lock; recipes.py says what each version
 records; record.py records a new version with peft; diff.py says what changed between two versions. Results
-computed in another process are checked by conformance/consumer_check.py.
+computed in another process are checked by conformance/consumer_kit/consumer_check.py.
 """
 
 from .diff import changes

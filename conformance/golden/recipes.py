@@ -8,7 +8,7 @@ from typing import Optional
 @dataclass(frozen=True)
 class CaseSpec:
     """A golden case: one feature, its config and the requirements it serves. Which drivers it applies to follows
-    from its config (conformance/scope.py), so it is not recorded here (v1 manifests still carry a "needs" list;
+    from its config (conformance/engine/scope.py), so it is not recorded here (v1 manifests still carry a "needs" list;
     nothing reads it)."""
 
     name: str
@@ -104,7 +104,7 @@ CASE_SPECS = [
     CaseSpec("lokr-convnet-cp", {"peft_type": "LOKR", "r": 1, "alpha": 2, "use_effective_conv2d": True,
                                  "target_modules": ["conv1", "conv2", "head"]}, ("LOKR-GOLD-001", "LOKR-FWD-001"),
              base="convnet"),
-    # v5: QLoRA bases (the float weights stored, quantized again on load: conformance/quantized.py).
+    # v5: QLoRA bases (the float weights stored, quantized again on load: conformance/zoo/quantized.py).
     CaseSpec("qlora-nf4-q_proj+v_proj", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
              ("QLORA-FWD-001", "QLORA-MERGE-001"), base="llama-nf4"),
     CaseSpec("qlora-fp4-dq-dora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"],

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from reference_impl.peft_format import adapter_directory
 
-from .. import SPEC_VERSION, harness, models, quantized
+from .. import SPEC_VERSION
+from ..engine import harness
+from ..zoo import models, quantized
 from ..drivers.peft_shaped import CONFIG_CLASSES
 from .diff import changes
 from .recipes import CASE_SPECS, COUNT_CONFIGS, CaseSpec
@@ -104,7 +106,7 @@ def _write_case(spec: CaseSpec, base: torch.nn.Module, folder: Path, version: st
         **({"mixed": list(spec.mixed)} if spec.mixed else {}),
         **({"combine": {"weights": spec.combine[0], "combination_type": spec.combine[1]}} if spec.combine else {}),
         "producer": producers(), "tolerance_class": "golden",
-        "inputs": f"{spec.base} inputs from seed 0 (conformance/models.py), row 2 right-padded by 3",
+        "inputs": f"{spec.base} inputs from seed 0 (conformance/zoo/models.py), row 2 right-padded by 3",
         "expected": "logits (question answering: start and end logits stacked) with the adapter active "
                     "(unmerged), merged, disabled; 'second': the second adapter; 'mixed': rows through the adapters "
                     "named in 'mixed'; 'combined': the adapter add_weighted_adapter makes as 'combine' says",

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from reference_impl.peft_format import adapter_directory
 
-from .. import models
+from ..zoo import models
 
 LOCK_NAME = "FIXTURES.lock"
 OBJECTS = "objects"
@@ -181,7 +181,7 @@ def base_model(version: str, folder: Optional[Path] = None, name: str = "gpt2-ti
             raise ValueError(f"{version}/bases/{name}: the stored weights do not fit the zoo's {name} (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]})")
         if (stored_in / QUANTIZATION).is_file():
-            from .. import quantized
+            from ..zoo import quantized
 
             return quantized.from_float(model, json.loads((stored_in / QUANTIZATION).read_text()))
         return model.eval()

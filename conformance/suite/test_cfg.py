@@ -2,7 +2,7 @@
 
 import pytest
 
-from conformance import models
+from conformance.zoo import models
 
 REFUSALS = (ValueError, NotImplementedError, TypeError)
 INVALID = {

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness
+from conformance.engine import harness
 
 
 @pytest.mark.req("LORA-DEV-001")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conformance import harness, models
-from conformance.strategies import Case
+from conformance.engine import harness
+from conformance.zoo import models
+from conformance.engine.strategies import Case
 
 WEIGHTS = "adapter_model.safetensors"
 

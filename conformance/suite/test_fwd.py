@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness
+from conformance.engine import harness
 
 LINEAR_KINDS = {"linear", "conv1d"}
 

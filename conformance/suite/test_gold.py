@@ -1,7 +1,7 @@
 """GOLD: the recorded peft fixtures. Any driver loads what peft wrote, computes what peft computed, and writes
 it back the same; and the fixtures themselves are intact. Runs without peft installed.
 
-A case applies when its config, on the fixtures' base model, is in the driver's scope (conformance/scope.py): the
+A case applies when its config, on the fixtures' base model, is in the driver's scope (conformance/engine/scope.py): the
 capabilities its features and layers need, and the driver's own `supports`."""
 
 import json
@@ -11,8 +11,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conformance import golden, harness, models, scope
-from conformance.run import NOT_APPLICABLE, NOT_RUN
+from conformance import golden
+from conformance.engine import harness, scope
+from conformance.zoo import models
+from conformance.engine.run import NOT_APPLICABLE, NOT_RUN
 from reference_impl.peft_format import TASK_HEADS, adapter_directory
 
 ALL_CASES = golden.cases()

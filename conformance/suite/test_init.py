@@ -7,7 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness, models
+from conformance.engine import harness
+from conformance.zoo import models
 from reference_impl.peft_format import is_conv1d
 
 PREFIX = harness.PREFIX

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness, models, scope
-from conformance.run import NOT_APPLICABLE
+from conformance.engine import harness, scope
+from conformance.zoo import models
+from conformance.engine.run import NOT_APPLICABLE
 
 PREFIX = harness.PREFIX
 
@@ -25,7 +26,7 @@ def test_keys_match_peft(run, device, data):
 def test_keys_and_shapes_match_peft_on_every_zoo_model(run, device):
     # Every model once, all its targets at once: key prefixes (LLaVA's model.language_model.), grouped-query k/v
     # shapes (Llama: 2 key/value heads of 4), biased projections (Qwen2), heads, T5 and ViT names.
-    from conformance.strategies import Case
+    from conformance.engine.strategies import Case
 
     for name in scope.models_in_scope(run.impl, single_layer=False):
         case = run.admit(Case(name, {"target_modules": scope.targets_in_scope(run.impl, name), "r": 4}))
@@ -111,7 +112,7 @@ def test_second_adapter_keys_carry_no_name(run, device, data):
 def test_loaded_values_read_back(run, device, data):
     case = run.draw(data)
     mine = run.wrap(case)
-    values = harness.adapter_values(run.initial_in_peft_layout(mine), case.values_seed)
+    values = harness.adapter_values(harness.initial_values(mine), case.values_seed)
     own = harness.to_driver(run.impl, mine.model, values)
     run.impl.load_adapter_state_dict(mine.model, {k: v.to(device) for k, v in own.items()})
     readback = run.impl.adapter_state_dict(mine.model)

@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conformance import harness, scope
+from conformance.engine import harness, scope
 
 
 def _reload(driver, adapted: harness.Adapted, directory, is_trainable: bool = False):

@@ -9,8 +9,9 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conformance import harness, models, scope
-from conformance.strategies import Case
+from conformance.engine import harness, scope
+from conformance.zoo import models
+from conformance.engine.strategies import Case
 from reference_impl.modules_to_save import CONTAINERS
 from reference_impl.targeting import pattern_value
 

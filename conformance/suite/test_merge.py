@@ -5,7 +5,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conformance import harness, models, scope
+from conformance.engine import harness, scope
+from conformance.zoo import models
 from reference_impl.peft_format import is_conv1d
 
 LINEAR_KINDS = {"linear", "conv1d"}

@@ -1,6 +1,6 @@
 """IA3, LoHa and LoKr: the questions asked of LoRA (does it compute, train, count, save and unload as peft does?),
 one test per question and a parameter per method, each claiming that method's requirement. Expected outputs and
-gradients come from the method's formula on the values loaded (conformance/methods.py); peft's are compared too
+gradients come from the method's formula on the values loaded (conformance/zoo/methods.py); peft's are compared too
 when it is installed."""
 
 import json
@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conformance import harness, methods, scope, strategies
-from conformance.harness import BASE_WEIGHT
+from conformance.engine import harness, scope, strategies
+from conformance.zoo import methods
+from conformance.engine.harness import BASE_WEIGHT
 
 
 # The requirement a missing key fails: the one stating the method's keys.

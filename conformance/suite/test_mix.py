@@ -7,8 +7,9 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conformance import harness, models, scope
-from conformance.run import with_config
+from conformance.engine import harness, scope
+from conformance.zoo import models
+from conformance.engine.run import with_config
 
 BASE = "__base__"
 ROWS = 4  # two draws of the model's inputs, stacked: four rows

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness, models, scope
+from conformance.engine import harness, scope
+from conformance.zoo import models
 
 
 @pytest.mark.req("LORA-MTS-001")

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness
+from conformance.engine import harness
 
 
 def _second(run, mine: harness.Adapted, config: dict, seed: int) -> dict:

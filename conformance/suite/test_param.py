@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import models
-from conformance.transformers_zoo import FULL_SIZE, full_size
+from conformance.zoo import models
+from conformance.zoo.transformers_zoo import FULL_SIZE, full_size
 
 
 def _adapter_size(base: torch.nn.Module, path: str, r: int) -> int:

@@ -1,5 +1,5 @@
 """QLORA: LoRA on bitsandbytes' quantized layers. The bases are the zoo's llama loaded through BitsAndBytesConfig
-(conformance/quantized.py: NF4, FP4 with double quantization, NF4 computing in bfloat16, int8). The expected values
+(conformance/zoo/quantized.py: NF4, FP4 with double quantization, NF4 computing in bfloat16, int8). The expected values
 come from formulas computed here with bitsandbytes' own functions (forward hooks on the quantized base; dequantize,
 add, quantize again for a merge) and from peft on the same base; every comparison is exact."""
 
@@ -10,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conformance import api, harness, models, quantized, scope, strategies
-from conformance.harness import BASE_WEIGHT, PREFIX
-from conformance.run import NOT_APPLICABLE, NOT_RUN
+from conformance import api
+from conformance.engine import harness, scope, strategies
+from conformance.zoo import models, quantized
+from conformance.engine.harness import BASE_WEIGHT, PREFIX
+from conformance.engine.run import NOT_APPLICABLE, NOT_RUN
 from reference_impl.peft_format import scaling
 from reference_impl.quantized import parameter_count
 

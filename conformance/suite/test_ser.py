@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conformance import harness
+from conformance.engine import harness
 
 # The LoRA fields of adapter_config.json whose values must agree with peft's (LORA-SER-003).
 CORE_FIELDS = ("r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "use_dora",

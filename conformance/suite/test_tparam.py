@@ -6,8 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance import harness, models, strategies
-from conformance.harness import PREFIX
+from conformance.engine import harness, strategies
+from conformance.zoo import models
+from conformance.engine.harness import PREFIX
 
 MODEL = "moe"
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conformance import harness, scope
+from conformance.engine import harness, scope
 
 WEIGHTS = st.sampled_from([-1.5, -0.5, 0.3, 1.0, 2.0])
 

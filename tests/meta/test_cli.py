@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conformance import golden, models, spec
+from conformance import golden, spec
+from conformance.zoo import models
 from conformance.cli import app
 from reference_impl.peft_format import PREFIX
 from tests.conftest import ROOT
@@ -164,7 +165,7 @@ def test_check_adapter_seeds_an_unseeded_factory(tmp_path):
 def test_adapterhub_advice_for_a_fused_projection_round_trips(tmp_path):
     """Followed literally on GPT-2's c_attn (q and v adapted, as AdapterHub does by default), the advice gives a peft
     adapter that check-adapter accepts and that computes what the per-part adapters compute."""
-    from conformance.foreign import ADAPTERHUB_ADVICE
+    from conformance.adapter_kit.foreign import ADAPTERHUB_ADVICE
     from reference_impl import PeftModel
 
     assert "rank_pattern" in ADAPTERHUB_ADVICE and "alpha_pattern" in ADAPTERHUB_ADVICE

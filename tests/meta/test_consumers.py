@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conformance import consumers, corpus, golden
-from conformance.check_adapter import check
+from conformance.consumer_kit import consumers, corpus
+from conformance import golden
+from conformance.adapter_kit.check_adapter import check
 from conformance.cli import app
 from reference_impl.peft_format import PREFIX
 from tests.conftest import ROOT
@@ -162,7 +163,7 @@ def test_transformers_loader_consumer_departs_only_as_its_expectations_say(expor
 
 
 def test_llama_cpp_converter_refusal_is_not_applicable_with_its_message(tmp_path, monkeypatch):
-    from conformance.consumers import NotApplicable, llama_cpp
+    from conformance.consumer_kit.consumers import NotApplicable, llama_cpp
 
     (tmp_path / "gguf-py").mkdir()
     (tmp_path / "convert_lora_to_gguf.py").write_text(

@@ -80,7 +80,7 @@ def test_a_moved_output_within_tolerance_is_said_not_failed(recorded, tmp_path):
 
 
 def test_a_directory_base_is_referenced_by_hash_and_its_change_fails(tmp_path):
-    from conformance import models
+    from conformance.zoo import models
 
     base = tmp_path / "base"
     models.build("gpt2-tiny").save_pretrained(base)
@@ -111,7 +111,7 @@ def test_bad_input_is_a_usage_error(tmp_path):
 def test_goldens_recorded_in_one_folder_verify_from_a_copy_elsewhere(tmp_path):
     """The base directory is recorded relative to the golden folder: a project copied (cloned) elsewhere verifies;
     goldens copied without their base say which base is missing and how to give its new place."""
-    from conformance import models
+    from conformance.zoo import models
 
     project = tmp_path / "here" / "project"
     models.build("gpt2-tiny").save_pretrained(project / "models" / "base")

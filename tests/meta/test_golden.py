@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from conformance import golden, models, spec
+from conformance import golden, spec
+from conformance.zoo import models
 from tests.conftest import ROOT, run_suite
 
 

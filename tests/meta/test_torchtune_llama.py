@@ -14,8 +14,8 @@ from torchtune.models.convert_weights import (  # noqa: E402
     tune_to_hf, tune_to_peft_adapter_config, tune_to_peft_adapter_weights)
 from torchtune.models.llama3._component_builders import lora_llama3  # noqa: E402
 
-from conformance.check_adapter import check  # noqa: E402
-from conformance.drivers.torchtune import peft_to_tune_adapter_weights  # noqa: E402
+from conformance.adapter_kit.check_adapter import check
+from conformance.drivers.torchtune import peft_to_tune_adapter_weights
 from reference_impl.peft_format import PREFIX  # noqa: E402
 
 SHAPE = dict(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=64,

@@ -3,7 +3,7 @@
 import json
 import re
 
-from conformance import scope
+from conformance.engine import scope
 from tests.mutants.base import Mutant, adapter_dir, edit_files
 
 

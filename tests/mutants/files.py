@@ -8,7 +8,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from conformance.harness import PREFIX
+from conformance.engine.harness import PREFIX
 from tests.mutants.base import Mutant, adapter_dir, edit_files, edited_copy, named, renamed, round_to_bf16
 
 

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("peft")
 
 from bench.run import BareLoRA, bare_model, lora_flop_ratio  # noqa: E402
-from conformance import harness, models  # noqa: E402
+from conformance.engine import harness
+from conformance.zoo import models
 
 
 def test_bare_math_computes_the_adapted_output():

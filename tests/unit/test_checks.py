@@ -1,10 +1,11 @@
-"""How two tensors are compared (conformance/checks.py): what a failure message points at, and the report of how
+"""How two tensors are compared (conformance/engine/checks.py): what a failure message points at, and the report of how
 close each tolerance class came."""
 
 import torch
 
-from conformance import checks, spec
-from conformance.report import Results, TestOutcome
+from conformance.engine import checks
+from conformance import spec
+from conformance.engine.report import Results, TestOutcome
 
 
 def test_the_worst_element_is_the_one_that_breaks_the_bound():

@@ -1,4 +1,4 @@
-"""A test may call only the driver members its requirements' capabilities entitle it to (conformance/run.py)."""
+"""A test may call only the driver members its requirements' capabilities entitle it to (conformance/engine/run.py)."""
 
 import functools
 
@@ -6,8 +6,8 @@ import pytest
 
 from conformance import api
 from conformance.drivers.reference import ReferenceDriver
-from conformance.run import EntitledDriver
-from conformance.verdict import SuiteError
+from conformance.engine.run import EntitledDriver
+from conformance.engine.verdict import SuiteError
 
 
 def test_a_member_no_requirement_entitles_is_a_suite_bug():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import reference_impl as ref
 from conformance import golden
-from conformance.check_adapter import check
+from conformance.adapter_kit.check_adapter import check
 from reference_impl import LoraConfig
 from reference_impl.peft_format import PREFIX
 

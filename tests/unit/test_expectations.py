@@ -1,6 +1,6 @@
 """Matching an expectations entry to a test's cell."""
 
-from conformance.expectations import Entry
+from conformance.engine.expectations import Entry
 
 
 def test_an_id_without_the_device_matches_the_test_on_every_device():

@@ -280,7 +280,8 @@ def test_interrupted_save_leaves_no_loadable_mixture(tiny_gpt2, tmp_path, monkey
     ("llava", dict(r=4, target_modules=["q_proj", "embed_tokens"])),
 ])
 def test_task_models_match_peft_in_memory_on_disk_and_after_reload(model_name, config, tmp_path):
-    from conformance import harness, models
+    from conformance.engine import harness
+    from conformance.zoo import models
 
     mine, theirs = _pair(lambda: models.build(model_name), config)
     values = harness.adapter_values(peft.get_peft_model_state_dict(theirs), seed=7)  # trained-looking values

@@ -8,7 +8,7 @@ import torch
 
 import reference_impl as ref
 from safetensors.torch import load_file
-from conformance import models
+from conformance.zoo import models
 
 peft = pytest.importorskip("peft")
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import reference_impl as ref
-from conformance import models
+from conformance.zoo import models
 from conformance.drivers.peft_shaped import CONFIG_CLASSES
 
 peft = pytest.importorskip("peft")

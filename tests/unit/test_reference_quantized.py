@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conformance import models, quantized
+from conformance.zoo import models, quantized
 from reference_impl.quantized import prepare_for_kbit_training
 
 peft = pytest.importorskip("peft")

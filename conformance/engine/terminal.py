@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import spec
+from .. import spec
 from .report import Results, closest_text, status_of, worst_text
 
 STYLES = {"pass": "green", "fail": "bold red", "blocked": "yellow", "expected fail": "magenta",

@@ -229,7 +229,7 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
              description="Embedding (padding_idx 0) then Linear layers"),
     ZooModel("convnet", ConvNet, _tensor_inputs(2, 3, 6, 6), {CONV2D: ("conv1", "conv2"), LINEAR: ("head",)},
              saveable=("norm",), description="Conv2d 3x3 and 1x1, BatchNorm, Linear head"),
-    # Transformers architectures (conformance/transformers_zoo.py). Targets name both transformers 4 and 5 spellings
+    # Transformers architectures (conformance/zoo/transformers_zoo.py). Targets name both transformers 4 and 5 spellings
     # where they differ; names a model lacks are dropped by the scope probe.
     ZooModel("llama", hf.llama, hf.text_inputs,
              {LINEAR: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
@@ -271,8 +271,8 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
                        "language_model.layers.1.self_attn.k_proj"), EMBEDDING: ("embed_tokens",)},
              description="LlavaForConditionalGeneration: a CLIP vision tower, a projector and a Llama language model "
                          "under model.language_model"),
-    # QLoRA bases (conformance/quantized.py): the llama above loaded through bitsandbytes, its projections quantized,
-    # lm_head not (transformers keeps it in the run's dtype). Only the QLORA tests draw them.
+    # QLoRA bases (conformance/zoo/quantized.py): the llama above loaded through bitsandbytes, its projections
+    # quantized, lm_head not (transformers keeps it in the run's dtype). Only the QLORA tests draw them.
     *[ZooModel(f"llama-{scheme}", hf.llama, hf.text_inputs,
                {kind: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                 LINEAR: ("lm_head",)},

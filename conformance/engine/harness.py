@@ -1,5 +1,7 @@
-"""Adapted models for a case: the implementation under test and, when peft is installed, the oracle, both wrapped
-under the same seed and loaded with the same non-zero adapter values.
+"""An adapted model under test, and everything done to one: wrapping a case's base under the case's seed, loading
+adapter values through the driver (in its own layout), reading its adapter back in peft's layout, adding a second
+adapter, and carrying gradients back to peft's layout. `pair` gives the implementation's and peft's, loaded with the
+same non-zero values. run.py checks what these return against requirements; nothing here asserts or calls back up.
 
 Values are drawn in peft's layout (keys and shapes as peft saves them) and reach a driver with its own layout
 through `layout.to_driver`. Adapter values are never left at their initial values (B = 0 would make most checks
@@ -17,8 +19,9 @@ from torch import nn
 from reference_impl import peft_format
 from reference_impl.peft_format import PREFIX  # peft keys: PREFIX + module path + ".lora_A.weight"
 
-from . import api, models
-from .api import Driver
+from .. import api
+from ..zoo import models
+from ..api import Driver
 from .strategies import Case
 
 
@@ -35,6 +38,7 @@ class Adapted:
     original: Optional[nn.Module] = None  # the base model object that was wrapped
     original_modules: dict = field(default_factory=dict)  # its modules by name, before wrapping
     original_params: dict = field(default_factory=dict)  # its parameters by name, before wrapping
+    handed: dict = field(default_factory=dict)  # adapter name -> the tensors handed to the driver, in its layout
 
     @property
     def inputs(self) -> dict:
@@ -89,13 +93,32 @@ def adapter_values(initial: dict[str, torch.Tensor], seed: int) -> dict[str, tor
 
 def load(adapted: Adapted, values: dict[str, torch.Tensor], adapter_name: str = "default") -> dict:
     """Load peft-layout `values` into the adapted model through its driver (mapped to the driver's own layout);
-    returns what was handed to the driver."""
+    returns what was handed to the driver (also kept in `adapted.handed`, for the read-back check)."""
     own = to_driver(adapted.driver, adapted.model, values, adapter_name)
     adapted.driver.load_adapter_state_dict(adapted.model, {k: v.detach().to(adapted.device) for k, v in own.items()},
                                            adapter_name)
+    adapted.handed[adapter_name] = own
     if adapter_name == "default":
         adapted.values = values
     return own
+
+
+def add_adapter(adapted: Adapted, config: dict, adapter_name: str) -> None:
+    """A second adapter added through the driver, switched to eval mode: new LoRA layers start in train mode
+    (LORA-FWD-004)."""
+    adapted.driver.add_adapter(adapted.model, dict(config), adapter_name)
+    adapted.model.eval()
+
+
+def initial_values(adapted: Adapted, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors as wrapping left them, in peft's layout; where the driver's own have no peft form,
+    reference_impl's for the same case (the shapes are what matter: values are drawn around them)."""
+    try:
+        return peft_state(adapted.driver, adapted.model, adapter_name)
+    except api.NoExactMapping:
+        from ..drivers.reference import ReferenceDriver
+
+        return ReferenceDriver().adapter_state_dict(wrap(ReferenceDriver(), adapted.case, "cpu", torch.float32).model)
 
 
 def pair(impl: Driver, oracle: Driver, case: Case, device: str, dtype: torch.dtype = torch.float32
@@ -141,6 +164,19 @@ def peft_state(driver: Driver, model: nn.Module, adapter_name: str = "default") 
         return live
     with torch.no_grad():
         return layout.to_peft(model, {k: v.detach() for k, v in live.items()})
+
+
+def trainable(adapted: Adapted) -> dict[str, torch.Tensor]:
+    """The adapter's floating-point tensors that require grad, live, in the driver's layout."""
+    return {key: tensor for key, tensor in adapted.driver.adapter_state_dict(adapted.model).items()
+            if tensor.is_floating_point() and tensor.requires_grad}
+
+
+def gradients(adapted: Adapted, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradients of `trained` after a backward pass, in peft's layout. A tensor the forward pass never uses
+    (LLaVA's vision post_layernorm under bias="all") has no .grad in any implementation: its gradient is zero."""
+    own = {key: (torch.zeros_like(t) if t.grad is None else t.grad).detach().cpu() for key, t in trained.items()}
+    return peft_gradients(adapted.driver, adapted.model, adapted.values, own)
 
 
 def peft_gradients(driver: Driver, model: nn.Module, values: dict[str, torch.Tensor],

@@ -20,7 +20,7 @@ from reference_impl import (METHODS, PEFT_ONLY_FIELDS, LoraConfig, PeftModel, ma
 from reference_impl.save_load import adapter_state_dict, module_path
 from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_adapter_name, split_key
 
-from . import models, quantized
+from ..zoo import models, quantized
 from .foreign import identify
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import spec
+from .. import spec
 
 if sys.version_info >= (3, 11):
     import tomllib

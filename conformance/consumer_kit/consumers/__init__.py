@@ -15,11 +15,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .. import corpus, models
+from .. import corpus
+from ...zoo import models
 
-CONSUMERS = {"reference": "conformance.consumers.reference",
-             "transformers": "conformance.consumers.transformers_loader",
-             "llama.cpp": "conformance.consumers.llama_cpp"}
+CONSUMERS = {"reference": "conformance.consumer_kit.consumers.reference",
+             "transformers": "conformance.consumer_kit.consumers.transformers_loader",
+             "llama.cpp": "conformance.consumer_kit.consumers.llama_cpp"}
 
 
 class NotApplicable(Exception):

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import checks, spec
+from . import checks
+from .. import spec
 from .expectations import Entry
 
 

@@ -10,7 +10,8 @@ and copied out by `peft-conformance corpus export DIR`:
 
 Expected logits are what peft computes after loading the saved files into the saved base (PeftModel.from_pretrained),
 the path a consumer takes. A consumer writes RESULTS/<case>/logits.safetensors with the keys it computed;
-`peft-conformance golden-check RESULTS --corpus DIR` reports them per requirement (conformance/consumer_check.py).
+`peft-conformance golden-check RESULTS --corpus DIR` reports them per requirement
+(conformance/consumer_kit/consumer_check.py).
 """
 
 import copy
@@ -28,7 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from reference_impl.peft_format import adapter_directory
 
-from . import golden, harness, models
+from .. import golden
+from ..engine import harness
+from ..zoo import models
 
 SCHEMA = "peft-conformance/corpus/v1"
 SCHEMA_PATH = Path(__file__).resolve().parent / "spec" / "corpus.schema.json"
@@ -260,7 +263,7 @@ def _write_case(case: CorpusCase, base: torch.nn.Module, root: Path) -> dict:
 
 
 def _write_version(root: Path, version: str) -> None:
-    from . import spec
+    from .. import spec
 
     bases = {name: _write_base(name, root / "bases" / name) for name in sorted({c.base for c in CASES})}
     entries = [_write_case(case, bases[case.base], root) for case in CASES]

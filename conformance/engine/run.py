@@ -19,7 +19,9 @@ import pytest
 import torch
 from hypothesis import currently_in_test_context, reject
 
-from . import api, checks, harness, models, scope, spec
+from .. import api, spec
+from . import checks, harness, scope
+from ..zoo import models
 from .harness import PREFIX, Adapted
 from .strategies import Case, cases, overlap_candidates, overlapping_patterns
 from .verdict import SuiteError, Verdict
@@ -66,7 +68,7 @@ class Run:
     def __post_init__(self):
         needed = {c for req in self.verdict.applicable for c in spec.requirement(req).capabilities}
         self.impl = EntitledDriver(self.impl, api.members_entitled(needed), self.verdict.applicable)
-        # The assertions, bound to this test's requirements and recorded on its item (conformance/verdict.py).
+        # The assertions, bound to this test's requirements and recorded on its item (conformance/engine/verdict.py).
         for name in ("check", "fail", "raises", "same_keys", "close", "equal", "all_close", "require", "compared_as"):
             setattr(self, name, getattr(self.verdict, name))
 
@@ -130,7 +132,7 @@ class Run:
             pytest.skip(f"{NOT_APPLICABLE}no zoo model is in {self.impl.name}'s scope")
         return found
 
-    # --- adapted models -----------------------------------------------------------------------------------------
+    # --- adapted models (conformance/engine/harness.py does the work; these check what comes back) ---------------
 
     def wrap(self, case: Case, driver: Optional[api.Driver] = None, dtype: Optional[torch.dtype] = None,
              adapter_name: str = "default") -> Adapted:
@@ -140,46 +142,37 @@ class Run:
         """The case wrapped by the implementation and by peft, both loaded with the same values, drawn around
         peft's initial values."""
         mine, theirs = harness.pair(self.impl, self.oracle, case, self.device, dtype or self.dtype)
-        self._read_back(mine, harness.to_driver(self.impl, mine.model, mine.values))
+        self._read_back(mine)
         return mine, theirs
 
     def adapted(self, case: Case, dtype: Optional[torch.dtype] = None) -> Adapted:
         """The case wrapped by the implementation alone, loaded with values drawn around its initial values."""
         mine = self.wrap(case, dtype=dtype)
-        self.load(mine, harness.adapter_values(self.initial_in_peft_layout(mine), case.values_seed))
+        self.load(mine, harness.adapter_values(harness.initial_values(mine), case.values_seed))
         return mine
 
     def add_second_adapter(self, adapted: Adapted, config: dict, values: Optional[dict] = None,
                            adapter_name: str = "other") -> dict:
         """Add an adapter to `adapted` through its driver and load `values` into it (drawn around its initial values
         when None, seeded by the case); returns the values, for the other implementation."""
-        adapted.driver.add_adapter(adapted.model, dict(config), adapter_name)
-        adapted.model.eval()  # new LoRA layers start in train mode (see LORA-FWD-004)
+        harness.add_adapter(adapted, config, adapter_name)
         if values is None:
             values = harness.adapter_values(self.peft_state(adapted.model, adapter_name), adapted.case.values_seed + 1)
-        if adapted.driver is self.impl:
-            self.load(adapted, values, adapter_name)
-        else:
-            harness.load(adapted, values, adapter_name)
+        self.load(adapted, values, adapter_name)
         return values
 
-    def initial_in_peft_layout(self, mine: Adapted) -> dict:
-        """The implementation's initial adapter in peft's layout, or reference_impl's where it has none."""
-        try:
-            return harness.peft_state(self.impl, mine.model)
-        except api.NoExactMapping:  # the driver's initial tensors have no peft form: take reference_impl's shapes
-            from .drivers.reference import ReferenceDriver
-
-            return ReferenceDriver().adapter_state_dict(harness.wrap(ReferenceDriver(), mine.case, "cpu",
-                                                                     torch.float32).model)
-
     def load(self, adapted: Adapted, values: dict, adapter_name: str = "default") -> None:
-        """Load peft-layout `values` through the driver (mapped to its layout) and read them back: the same keys
-        (LORA-KEYS-001) and the same values (LORA-KEYS-007) must come back. Both are preconditions here."""
-        self._read_back(adapted, harness.load(adapted, values, adapter_name), adapter_name)
+        """Load peft-layout `values` through the driver (mapped to its layout); the implementation under test must
+        read them back unchanged."""
+        harness.load(adapted, values, adapter_name)
+        self._read_back(adapted, adapter_name)
 
-    def _read_back(self, adapted: Adapted, own: dict, adapter_name: str = "default") -> None:
-        readback = self.impl.adapter_state_dict(adapted.model, adapter_name)
+    def _read_back(self, adapted: Adapted, adapter_name: str = "default") -> None:
+        """The same keys (LORA-KEYS-001) and values (LORA-KEYS-007) come back as were handed to the driver: both are
+        preconditions of every test that loads values. peft's side is not checked (it is the oracle)."""
+        if adapted.driver is not self.impl:
+            return
+        own, readback = adapted.handed[adapter_name], self.impl.adapter_state_dict(adapted.model, adapter_name)
         problem = checks.key_difference(readback, own, "adapter keys read back (vs the values loaded)")
         self.require(problem is None, "LORA-KEYS-001", str(problem))
         for key in sorted(own):
@@ -221,20 +214,14 @@ class Run:
         return self.peft_keys(harness.wrap(self.impl, case, self.device, torch.float32))
 
     def gradients(self, adapted: Adapted) -> dict[str, torch.Tensor]:
-        """The gradients of the adapter's tensors after a backward pass, in peft's layout."""
-        driver = adapted.driver
-        trained = {key: tensor for key, tensor in driver.adapter_state_dict(adapted.model).items()
-                   if tensor.is_floating_point() and tensor.requires_grad}
-        # A tensor the forward pass never uses (LLaVA's vision post_layernorm under bias="all") has no .grad in any
-        # implementation: its gradient is zero. Copies instead of live tensors have none at all.
-        if driver is self.impl and trained:
+        """The gradients of the adapter's tensors after a backward pass, in peft's layout; the implementation's must
+        reach its live tensors (LORA-KEYS-008)."""
+        trained = harness.trainable(adapted)
+        if adapted.driver is self.impl and trained:
             self.require(any(t.grad is not None for t in trained.values()), "LORA-KEYS-008",
                          f"none of the {len(trained)} trainable adapter tensors has a .grad after backward: "
                          "adapter_state_dict must return live tensors")
-        own = {key: (torch.zeros_like(t) if t.grad is None else t.grad).detach().cpu() for key, t in trained.items()}
-        if driver is not self.impl:
-            return own
-        return harness.peft_gradients(driver, adapted.model, adapted.values, own)
+        return harness.gradients(adapted, trained)
 
     def factors(self, values: dict, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the adapted module at `path` from peft-keyed values, on the run's device."""

@@ -16,7 +16,8 @@ from reference_impl.peft_format import TASK_HEADS
 from reference_impl.peft_format import is_conv1d
 from reference_impl.quantized import is_quantized_linear
 
-from . import api, models
+from .. import api
+from ..zoo import models
 
 # A config field at a value other than peft's default needs the capability named here.
 FEATURES = {

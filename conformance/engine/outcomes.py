@@ -9,7 +9,8 @@ from typing import Optional
 
 from hypothesis.errors import Unsatisfiable
 
-from . import api, checks, report
+from .. import api
+from . import checks, report
 from .run import NOT_APPLICABLE, NOT_RUN
 from .verdict import SuiteError, Verdict
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from . import SPEC_VERSION, __version__, spec
+from .. import SPEC_VERSION, __version__, spec
 
 REPORT_SCHEMA = "peft-conformance/report/v1"
 STATUS_ORDER = ("fail", "blocked", "expected fail", "pass", "not applicable", "not run")

@@ -1,7 +1,7 @@
 """How two results are compared: tensors against a tolerance class, key sets, and the failure a requirement raises.
 
 Pure functions: they measure and explain, and keep no state. A conformance test asserts through its `run`
-(conformance/verdict.py), which binds each comparison to a requirement and records it on the test item.
+(conformance/engine/verdict.py), which binds each comparison to a requirement and records it on the test item.
 """
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import spec
+from .. import spec
 
 
 class ConformanceFailure(AssertionError):

@@ -24,8 +24,10 @@ from safetensors.torch import load_file
 
 from reference_impl.peft_format import adapter_directory
 
-from . import checks, corpus, golden, report, spec
-from .expectations import Expectations
+from ..engine import checks, report
+from . import corpus
+from .. import golden, spec
+from ..engine.expectations import Expectations
 
 NOT_APPLICABLE = "not_applicable.txt"
 LOGITS = "logits.safetensors"

@@ -13,7 +13,7 @@ A golden folder has the shape of the project's fixtures:
 
 verify reloads each adapter with an implementation (peft by default; any driver with --impl), recomputes the outputs,
 saves the adapter again, and reports per case and requirement (LORA-GOLD-001, -003..006) through the same checks as
-golden-check (conformance/consumer_check.py), in the suite's report formats.
+golden-check (conformance/consumer_kit/consumer_check.py), in the suite's report formats.
 """
 
 import hashlib
@@ -30,7 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from reference_impl.peft_format import CONFIG_NAME
 
-from . import api, consumer_check, golden, models, report
+from .. import api, golden
+from ..consumer_kit import consumer_check
+from ..zoo import models
+from ..engine import report
 
 SCHEMA = "peft-conformance/golden/v1"
 MANIFEST = "golden.json"

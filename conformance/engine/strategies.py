@@ -1,7 +1,7 @@
 """Hypothesis strategies: they draw the structure of a case (model, config, seeds); values come from seeds.
 
 Every draw stays inside what the driver declares: models and target names come from its scope
-(conformance/scope.py), config features from its capabilities; `Run.draw` checks the whole case once more.
+(conformance/engine/scope.py), config features from its capabilities; `Run.draw` checks the whole case once more.
 """
 
 import functools
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from reference_impl.peft_format import TASK_HEADS
 
 from . import scope
-from .models import ZOO, ZooModel
+from ..zoo.models import ZOO, ZooModel
 
 
 class Case(NamedTuple):
@@ -102,7 +102,7 @@ def _patterns(draw, zoo_model: ZooModel, targets: list[str], overlap: bool = Tru
 def _all_biased(model: str, targets: tuple[str, ...]) -> bool:
     """Do all the layers `targets` adapt have a bias? A lora_bias cannot merge into a layer without one (peft
     raises at merge), so such configs are not drawn."""
-    from .models import build
+    from ..zoo.models import build
 
     adapted = scope.targeted(build(model), {"target_modules": list(targets)}).values()
     return all(getattr(module, "bias", None) is not None for module in adapted)
@@ -110,7 +110,7 @@ def _all_biased(model: str, targets: tuple[str, ...]) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _names(model: str) -> list[str]:
-    from .models import build
+    from ..zoo.models import build
 
     return [name for name, _ in build(model).named_modules()]
 
