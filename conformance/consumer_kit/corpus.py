@@ -34,7 +34,7 @@ from ..engine import harness
 from ..zoo import models
 
 SCHEMA = "peft-conformance/corpus/v1"
-SCHEMA_PATH = Path(__file__).resolve().parent / "spec" / "corpus.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "spec" / "corpus.schema.json"
 MANIFEST = "corpus.json"
 OUTPUTS = ("unmerged", "merged", "disabled")
 

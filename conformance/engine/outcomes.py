@@ -37,7 +37,7 @@ def build(item, call, rep, verdict: Optional[Verdict], excluded: dict, state) ->
     return result
 
 
-SUITE = Path(__file__).resolve().parent / "suite"
+SUITE = Path(__file__).resolve().parents[1] / "suite"
 
 
 def stable_id(item) -> str:
@@ -155,7 +155,7 @@ def repro(item, state) -> str:
     the suite is not installed) on PYTHONPATH, and the options that shaped the run."""
     impl, driver_root = api.driver_source(state.impl_spec)
     roots = [driver_root] if driver_root else []
-    suite_root = Path(__file__).resolve().parent.parent
+    suite_root = Path(__file__).resolve().parents[2]  # the checkout: conformance/engine/ is two levels down
     if "site-packages" not in suite_root.parts:
         roots.append(str(suite_root))
     env = f"PYTHONPATH={os.pathsep.join(dict.fromkeys(roots))}{os.pathsep}$PYTHONPATH " if roots else ""
