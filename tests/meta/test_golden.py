@@ -103,7 +103,9 @@ def test_generate_refuses_to_overwrite_and_records_a_new_version(tmp_path, monke
     # Same peft, torch and transformers: the same keys, tensors and configs. Logits may move in the last bits on
     # another CPU (vector kernels differ), never beyond the tolerance class the gate applies.
     assert version == f"v{len(golden.versions(ROOT / 'fixtures')) + 1}"
-    moved = [line for line in changed if line != "no change"]
+    # The zoo's own classes moved once (conformance/models.py -> conformance/zoo/models.py, #30): peft records
+    # their module in auto_mapping, which diff names apart from behaviour.
+    moved = [line for line in changed if line != "no change" and not line.endswith(golden.diff.MOVED_CLASS)]
     assert all(" logits moved by " in line for line in moved), moved
     assert all(float(line.rsplit(" ", 1)[1]) <= spec.tolerances()["golden"].atol for line in moved), moved
     assert golden.verify(copy) == [] and golden.is_packed(copy)
