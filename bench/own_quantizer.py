@@ -10,11 +10,11 @@ import itertools
 
 import torch
 
-from conformance.engine import harness
-from conformance.zoo import quantized
 from conformance.drivers.peft import PeftDriver
 from conformance.drivers.torchtune import TorchtuneQLoRADriver
+from conformance.engine import harness
 from conformance.engine.strategies import Case
+from conformance.zoo import quantized
 
 MODELS = ("llama-nf4", "llama-qlora", "llama-nf4-bf16")
 TARGETS = (["q_proj"], ["v_proj", "down_proj"], ["k_proj", "o_proj", "up_proj"], ["gate_proj"])

@@ -22,10 +22,10 @@ from hypothesis.errors import HypothesisException
 
 from . import api, spec
 from .engine import checks, expectations, outcomes, report
-from .zoo import quantized
 from .engine.run import NOT_APPLICABLE, NOT_RUN, Run
 from .engine.terminal import print_summary
 from .engine.verdict import Verdict
+from .zoo import quantized
 
 ENV = "PEFT_CONFORMANCE_"
 SUITE_DIR = str(Path(__file__).parent / "suite")

@@ -32,8 +32,8 @@ from reference_impl.peft_format import CONFIG_NAME
 
 from .. import api, golden
 from ..consumer_kit import consumer_check
-from ..zoo import models
 from ..engine import report
+from ..zoo import models
 
 SCHEMA = "peft-conformance/golden/v1"
 MANIFEST = "golden.json"

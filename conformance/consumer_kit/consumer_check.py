@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 from reference_impl.peft_format import adapter_directory
 
-from ..engine import checks, report
-from . import corpus
 from .. import golden, spec
+from ..engine import checks, report
 from ..engine.expectations import Expectations
+from . import corpus
 
 NOT_APPLICABLE = "not_applicable.txt"
 LOGITS = "logits.safetensors"

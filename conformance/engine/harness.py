@@ -20,8 +20,8 @@ from reference_impl import peft_format
 from reference_impl.peft_format import PREFIX  # peft keys: PREFIX + module path + ".lora_A.weight"
 
 from .. import api
-from ..zoo import models
 from ..api import Driver
+from ..zoo import models
 from .strategies import Case
 
 

@@ -20,8 +20,8 @@ import torch
 from hypothesis import currently_in_test_context, reject
 
 from .. import api, spec
-from . import checks, harness, scope
 from ..zoo import models
+from . import checks, harness, scope
 from .harness import PREFIX, Adapted
 from .strategies import Case, cases, overlap_candidates, overlapping_patterns
 from .verdict import SuiteError, Verdict

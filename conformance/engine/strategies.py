@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from reference_impl.peft_format import TASK_HEADS
 
-from . import scope
 from ..zoo.models import ZOO, ZooModel
+from . import scope
 
 
 class Case(NamedTuple):

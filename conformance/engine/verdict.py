@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import checks
 from .. import spec
+from . import checks
 from .expectations import Entry
 
 

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conformance.engine import harness
-from conformance.zoo import models
 from conformance.engine.strategies import Case
+from conformance.zoo import models
 
 WEIGHTS = "adapter_model.safetensors"
 

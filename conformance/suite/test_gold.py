@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conformance import golden
 from conformance.engine import harness, scope
-from conformance.zoo import models
 from conformance.engine.run import NOT_APPLICABLE, NOT_RUN
+from conformance.zoo import models
 from reference_impl.peft_format import TASK_HEADS, adapter_directory
 
 ALL_CASES = golden.cases()

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance.engine import harness, scope
-from conformance.zoo import models
 from conformance.engine.run import NOT_APPLICABLE
+from conformance.zoo import models
 
 PREFIX = harness.PREFIX
 

@@ -10,8 +10,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conformance.engine import harness, scope
-from conformance.zoo import models
 from conformance.engine.strategies import Case
+from conformance.zoo import models
 from reference_impl.modules_to_save import CONTAINERS
 from reference_impl.targeting import pattern_value
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from conformance.zoo import models
 from conformance.engine.harness import PREFIX
+from conformance.zoo import models
 
 # peft's defaults for the fields a minimal config leaves out (peft 0.21.2 tuners/{ia3,loha,lokr}/config.py).
 DEFAULTS = {"IA3": {"init_ia3_weights": True, "fan_in_fan_out": False},

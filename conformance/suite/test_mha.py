@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance.engine import harness, strategies
-from conformance.zoo import models
 from conformance.engine.harness import PREFIX
+from conformance.zoo import models
 
 MODEL = "attention-net"
 ATTENTION = ("blocks.0.attn", "blocks.1.attn")

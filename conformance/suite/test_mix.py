@@ -8,8 +8,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conformance.engine import harness, scope
-from conformance.zoo import models
 from conformance.engine.run import with_config
+from conformance.zoo import models
 
 BASE = "__base__"
 ROWS = 4  # two draws of the model's inputs, stacked: four rows

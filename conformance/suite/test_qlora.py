@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from conformance import api
 from conformance.engine import harness, scope, strategies
-from conformance.zoo import models, quantized
 from conformance.engine.harness import BASE_WEIGHT, PREFIX
 from conformance.engine.run import NOT_APPLICABLE, NOT_RUN
+from conformance.zoo import models, quantized
 from reference_impl.peft_format import scaling
 from reference_impl.quantized import parameter_count
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from conformance.engine import harness, scope
-from conformance.zoo import models
 from conformance.engine.run import NOT_APPLICABLE
+from conformance.zoo import models
 from conformance.zoo.transformers_zoo import labels_for
 from reference_impl.peft_format import TASK_HEADS  # the names peft appends (peft_model.py:1830, 2680, 2915)
 

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance.engine import harness, strategies
-from conformance.zoo import models
 from conformance.engine.harness import PREFIX
+from conformance.zoo import models
 
 # zoo model -> (its input embedding's name, a LoRA target elsewhere)
 MODELS = {"llama": ("embed_tokens", "q_proj"), "qwen2-tied": ("embed_tokens", "q_proj"), "gpt2-tiny": ("wte", "c_attn")}

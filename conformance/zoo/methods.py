@@ -13,8 +13,8 @@ from torch import nn
 
 from reference_impl.peft_format import PREFIX, is_conv1d
 
-from . import models
 from ..engine import scope
+from . import models
 from .models import CONV1D, CONV2D, LINEAR
 
 METHODS = ("IA3", "LOHA", "LOKR")

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conformance import golden, spec
-from conformance.zoo import models
 from conformance.cli import app
+from conformance.zoo import models
 from reference_impl.peft_format import PREFIX
 from tests.conftest import ROOT
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conformance.consumer_kit import consumers, corpus
 from conformance import golden
 from conformance.adapter_kit.check_adapter import check
 from conformance.cli import app
+from conformance.consumer_kit import consumers, corpus
 from reference_impl.peft_format import PREFIX
 from tests.conftest import ROOT
 

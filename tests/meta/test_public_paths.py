@@ -2,9 +2,9 @@
 the pytest plugin, the command, and every entry point pyproject.toml declares."""
 
 import importlib
-import tomllib
 
 import pytest
+import tomllib
 
 from tests.conftest import ROOT
 

@@ -3,8 +3,8 @@ close each tolerance class came."""
 
 import torch
 
-from conformance.engine import checks
 from conformance import spec
+from conformance.engine import checks
 from conformance.engine.report import Results, TestOutcome
 
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import reference_impl as ref
-from conformance.zoo import models
 from conformance.drivers.peft_shaped import CONFIG_CLASSES
+from conformance.zoo import models
 
 peft = pytest.importorskip("peft")
 

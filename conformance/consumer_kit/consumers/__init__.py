@@ -15,8 +15,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .. import corpus
 from ...zoo import models
+from .. import corpus
 
 CONSUMERS = {"reference": "conformance.consumer_kit.consumers.reference",
              "transformers": "conformance.consumer_kit.consumers.transformers_loader",
