@@ -21,6 +21,7 @@ from reference_impl.save_load import adapter_state_dict, module_path
 from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_adapter_name, split_key
 
 from ..zoo import models, quantized
+from . import kohya_check
 from .foreign import identify
 
 
@@ -119,6 +120,9 @@ def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Rep
         report.add("error", "path.missing", f"{directory}: no such file or directory")
         return report
     foreign = identify(directory)
+    pipeline = kohya_check.diffusion_bases(base)
+    if foreign is not None and foreign.tool.startswith("kohya") and pipeline is not None:
+        return kohya_check.check(directory, pipeline, report)
     if foreign is not None:  # one verdict: what wrote it and what to do; its symptoms would only repeat that
         report.add("error", "format.foreign", foreign.message(directory))
         return report

@@ -11,7 +11,9 @@ One implementation for both kinds of golden cases: the consumer corpus (RESULTS/
     adapter/             optional (fixtures): the adapter saved again, compared bit for bit (LORA-GOLD-006)
 
 Every (case, output) is one outcome, claiming that output's requirement and, for "unmerged", the requirements the
-case exercises: a pass credits them only when the comparison ran and held.
+case exercises: a pass credits them only when the comparison ran and held. A failure is charged to the output's
+requirement; a kohya-layout case exists to check the format's own requirements (LORA-KOHYA-*), so its failing
+unmerged output is charged to those too.
 """
 
 from dataclasses import dataclass, field
@@ -31,7 +33,8 @@ from . import corpus
 
 NOT_APPLICABLE = "not_applicable.txt"
 LOGITS = "logits.safetensors"
-CORPUS_OUTPUTS = {"unmerged": "LORA-CONS-001", "merged": "LORA-CONS-002", "disabled": "LORA-CONS-003"}
+CORPUS_OUTPUTS = {"unmerged": "LORA-CONS-001", "merged": "LORA-CONS-002", "disabled": "LORA-CONS-003",
+                  "weighted": "LORA-CONS-004"}
 FIXTURE_OUTPUTS = {"unmerged": "LORA-GOLD-003", "merged": "LORA-GOLD-004", "disabled": "LORA-GOLD-005",
                    "second": "LORA-GOLD-007"}
 
@@ -49,11 +52,14 @@ class Golden:
     resaved: Optional[dict] = None  # (fixtures) the adapter tensors a re-save must reproduce
     adapter_name: str = "default"
     cell: dict = field(default_factory=dict)
+    breaks: tuple[str, ...] = ()  # of the exercised requirements, those a wrong "unmerged" output fails as well
 
 
 def corpus_goldens(root: Path) -> list[Golden]:
     return [Golden(c.name, c.name, c.expected(), {o: CORPUS_OUTPUTS[o] for o in c.manifest["outputs"]},
-                   tuple(c.manifest["requirements"]), c.manifest["tolerance"]) for c in corpus.read(root)]
+                   tuple(c.manifest["requirements"]), c.manifest["tolerance"],
+                   breaks=tuple(c.manifest["requirements"]) if c.manifest.get("adapter_format") == "kohya" else ())
+            for c in corpus.read(root)]
 
 
 def fixture_goldens(folder: Optional[Path] = None) -> list[Golden]:
@@ -134,9 +140,11 @@ def _compare(case: Golden, output: str, req: str, produced: dict, problem: str, 
                                          "max_rel": measured.max_rel, "ratio": measured.ratio})
     if problem:  # charged to the output's requirement: a wrong output does not say which exercised one broke
         outcome.outcome = "failed"
-        outcome.failures = [{"req": req, "message": str(checks.failure(req, problem)), "example": case.id}]
+        charged = [req, *(case.breaks if output == "unmerged" else ())]
+        outcome.failures = [{"req": r, "message": str(checks.failure(r, problem)), "example": case.id}
+                            for r in charged]
         outcome.not_run = {r: f"not judged on case {case.id}: its {output} output failed ({req})"
-                           for r in reqs if r != req}
+                           for r in reqs if r not in charged}
     else:
         outcome.held = list(reqs)
     return outcome

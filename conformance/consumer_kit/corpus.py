@@ -8,6 +8,9 @@ and copied out by `peft-conformance corpus export DIR`:
     cases/<case>/inputs.safetensors    {"input_ids": int64 (rows, tokens)}: no padding, one sequence per row
     cases/<case>/expected.safetensors  float32 logits (rows, tokens, vocab): "unmerged", "merged", "disabled"
 
+Diffusion cases (kind "diffusion", from corpus v2) hold a Stable-Diffusion-style pipeline and a kohya-layout LoRA
+file instead; their expected output is the denoiser's (conformance/consumer_kit/diffusion_cases.py).
+
 Expected logits are what peft computes after loading the saved files into the saved base (PeftModel.from_pretrained),
 the path a consumer takes. A consumer writes RESULTS/<case>/logits.safetensors with the keys it computed;
 `peft-conformance golden-check RESULTS --corpus DIR` reports them per requirement
@@ -32,8 +35,9 @@ from reference_impl.peft_format import adapter_directory
 from .. import golden
 from ..engine import harness
 from ..zoo import models
+from . import diffusion_cases
 
-SCHEMA = "peft-conformance/corpus/v1"
+SCHEMA = "peft-conformance/corpus/v2"  # v2 adds diffusion cases (kind, adapter_format, adapter_weight, "weighted")
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "spec" / "corpus.schema.json"
 MANIFEST = "corpus.json"
 OUTPUTS = ("unmerged", "merged", "disabled")
@@ -51,9 +55,12 @@ class CorpusCase:
     adapter_name: str = "default"
     dtype: str = "float32"  # the dtype of the saved adapter tensors
     note: str = ""
+    kind: str = "causal_lm"  # "diffusion": `config` per pipeline component, a kohya file (diffusion_cases.py)
+    kohya_alphas: bool = True  # (diffusion) False: the file holds no .alpha tensors, as some trainers save it
 
 
 _ATTENTION = ["q_proj", "v_proj"]
+_UNET_ATTENTION, _TEXT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"], ["q_proj", "k_proj", "v_proj", "out_proj"]
 CASES = [
     CorpusCase("gpt2-c_attn", "gpt2-tiny", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]},
                ("conv1d",), ("LORA-FWD-001", "LORA-CFG-004"),
@@ -101,6 +108,40 @@ CASES = [
                                                  "target_modules": r".*language_model.*\.(q_proj|v_proj)"},
                ("prefixed_language_model",), ("LORA-MATCH-001", "LORA-KEYS-001"),
                note="the language model sits under model.language_model; inputs are text only (no image)"),
+    # Diffusion, kohya layout (conformance/consumer_kit/diffusion_cases.py): `config` per pipeline component.
+    CorpusCase("sd-kohya-attention", diffusion_cases.BASE,
+               {"unet": {"r": 4, "lora_alpha": 8, "target_modules": _UNET_ATTENTION},
+                "text_encoder": {"r": 4, "lora_alpha": 8, "target_modules": _TEXT_ATTENTION}},
+               ("kohya",), ("LORA-KOHYA-001", "LORA-KOHYA-002"), kind="diffusion",
+               note="one alpha for every module (8, r 4: scaling 2), UNet and text encoder attention"),
+    CorpusCase("sd-kohya-locon", diffusion_cases.BASE,
+               {"unet": {"r": 4, "lora_alpha": 2, "rank_pattern": {"conv1": 2},
+                         "target_modules": ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out",
+                                            "time_emb_proj", "ff.net.0.proj", "ff.net.2"]}},
+               ("kohya", "conv_lora", "rank_per_module"), ("LORA-KOHYA-001", "LORA-FWD-006"), kind="diffusion",
+               note="LoCon: 3x3 and 1x1 convolutions (lora_down a conv of the layer's kernel, lora_up 1x1), conv1 "
+                    "at rank 2 (scaling 1) beside rank 4 (scaling 0.5)"),
+    CorpusCase("sd-kohya-alpha-per-module", diffusion_cases.BASE,
+               {"unet": {"r": 4, "lora_alpha": 4, "target_modules": _UNET_ATTENTION + ["conv2"],
+                         "rank_pattern": {"to_v": 2}, "alpha_pattern": {"to_k": 1, "to_out.0": 16, "conv2": 8}}},
+               ("kohya", "alpha_per_module", "rank_per_module"), ("LORA-KOHYA-001",), kind="diffusion",
+               note="as resize_lora.py writes them: each module its own rank and alpha (to_k scaling 0.25, to_out.0 "
+                    "4, to_v 2, conv2 2, the rest 1)"),
+    CorpusCase("sd-kohya-text-encoder-mlp", diffusion_cases.BASE,
+               {"unet": {"r": 4, "lora_alpha": 4, "target_modules": ["to_q"]},
+                "text_encoder": {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "fc1", "fc2"]}},
+               ("kohya", "text_encoder"), ("LORA-KOHYA-002",), kind="diffusion",
+               note="the text encoder's q_proj and v_proj and its MLP, not out_proj"),
+    CorpusCase("sd-kohya-text-encoder-alpha", diffusion_cases.BASE,
+               {"text_encoder": {"r": 4, "lora_alpha": 4, "alpha_pattern": {"fc1": 12},
+                                 "target_modules": _TEXT_ATTENTION + ["fc1"]}},
+               ("kohya", "text_encoder", "alpha_per_module"), ("LORA-KOHYA-001",), kind="diffusion",
+               note="fc1 has alpha 12 (scaling 3), the attention projections 4 (scaling 1)"),
+    CorpusCase("sd-kohya-no-alpha", diffusion_cases.BASE,
+               {"unet": {"r": 4, "lora_alpha": 4, "target_modules": _UNET_ATTENTION},
+                "text_encoder": {"r": 2, "lora_alpha": 2, "target_modules": _TEXT_ATTENTION}},
+               ("kohya", "no_alpha"), ("LORA-KOHYA-001",), kind="diffusion", kohya_alphas=False,
+               note="no .alpha tensors: alpha = r, scaling 1"),
 ]
 
 
@@ -116,7 +157,12 @@ class Case:
         return self.manifest["name"]
 
     @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", "causal_lm")
+
+    @property
     def adapter_dir(self) -> Path:
+        """The adapter directory (the file, for adapter_format kohya)."""
         return self.root / self.manifest["adapter"]
 
     @property
@@ -265,15 +311,22 @@ def _write_case(case: CorpusCase, base: torch.nn.Module, root: Path) -> dict:
 def _write_version(root: Path, version: str) -> None:
     from .. import spec
 
-    bases = {name: _write_base(name, root / "bases" / name) for name in sorted({c.base for c in CASES})}
-    entries = [_write_case(case, bases[case.base], root) for case in CASES]
+    bases = {name: _write_base(name, root / "bases" / name) for name in sorted({c.base for c in CASES
+                                                                                 if c.kind == "causal_lm"})}
+    entries = [_write_case(case, bases[case.base], root) for case in CASES if case.kind == "causal_lm"]
+    diffusion = [case for case in CASES if case.kind == "diffusion"]
+    if diffusion:
+        pipeline = diffusion_cases.write_base(root / "bases" / diffusion_cases.BASE)
+        entries += [diffusion_cases.write_case(case, pipeline, root) for case in diffusion]
     tolerance = spec.tolerances()["golden"]
     manifest = {"schema": SCHEMA, "corpus_version": version, "producer": golden.producers(),
                 "tolerances": {"golden": {"rtol": tolerance.rtol, "atol": tolerance.atol,
                                           "description": tolerance.description}},
-                "outputs": {"unmerged": "logits with the adapter applied as loaded (scale 1)",
-                            "merged": "logits after merging the adapter into the base weights",
-                            "disabled": "logits of the base model (the adapter disabled, or applied with scale 0)"},
+                "outputs": {"unmerged": "logits (a denoiser's output) with the adapter applied as loaded (scale 1)",
+                            "merged": "the same after merging the adapter into the base weights",
+                            "disabled": "the base model's (the adapter disabled, or applied with scale 0)",
+                            "weighted": "the adapter applied with weight adapter_weight: every module's scaling times "
+                                        "it (diffusers' set_adapters weights, peft's set_scale)"},
                 "cases": entries}
     problems = validation_errors(manifest)
     if problems:

@@ -133,7 +133,7 @@ def targets_in_scope(driver, model_name: str, kinds: Optional[set] = None, metho
 def models_in_scope(driver, kinds: Optional[set] = None, single_layer: Optional[bool] = None) -> list[str]:
     """Zoo models with at least one target in the driver's scope."""
     return [name for name, zoo in sorted(models.ZOO.items())
-            if zoo.drawn and (single_layer is None or zoo.single_layer == single_layer)
+            if zoo.drawn and zoo.available and (single_layer is None or zoo.single_layer == single_layer)
             and targets_in_scope(driver, name, kinds)]
 
 
@@ -142,7 +142,7 @@ def first_case(driver, kinds: Optional[set] = None, models_first: tuple = ()) ->
     in `models_first` are tried before the others, in order."""
     ordered = [m for m in models_first if m in models.ZOO] + [m for m in sorted(models.ZOO) if m not in models_first]
     for name in ordered:
-        if models.ZOO[name].single_layer or not models.ZOO[name].drawn:
+        if models.ZOO[name].single_layer or not models.ZOO[name].drawn or not models.ZOO[name].available:
             continue
         targets = targets_in_scope(driver, name, kinds)
         if targets:

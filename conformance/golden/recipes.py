@@ -111,6 +111,22 @@ CASE_SPECS = [
                                    "use_dora": True}, ("QLORA-DORA-001",), base="llama-fp4-dq"),
     CaseSpec("qlora-int8-rslora", {"r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "up_proj"],
                                    "use_rslora": True}, ("QLORA-FWD-001", "QLORA-MERGE-001"), base="llama-int8"),
+    # v6: diffusion (conformance/zoo/diffusion.py): the UNet's attention, convolutions, feed-forward; CLIP text.
+    CaseSpec("sd-unet-attention", {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+             ("LORA-FWD-001", "LORA-FWD-006"), base="sd-unet"),
+    CaseSpec("sd-unet-locon-patterns", {"r": 4, "lora_alpha": 4, "rank_pattern": {"conv1": 2},
+                                        "alpha_pattern": {"proj_in": 16},
+                                        "target_modules": ["conv1", "conv2", "proj_in", "ff.net.0.proj"]},
+             ("LORA-FWD-009", "LORA-MATCH-009"), base="sd-unet"),
+    CaseSpec("sd-unet-dora", {"r": 2, "target_modules": ["to_q", "to_v", "conv2"], "use_dora": True},
+             ("LORA-FWD-008", "LORA-KEYS-005"), base="sd-unet"),
+    CaseSpec("sd-unet-two-adapters", {"r": 4, "target_modules": ["to_q", "to_v"]}, ("LORA-MULTI-002",),
+             second={"r": 2, "lora_alpha": 8, "target_modules": ["conv2", "time_emb_proj"]}, base="sd-unet"),
+    CaseSpec("sd3-transformer-joint-attention", {"r": 4, "lora_alpha": 8, "target_modules": [
+        "to_q", "to_k", "to_v", "add_q_proj", "add_v_proj", "to_add_out", "pos_embed.proj"]},
+             ("LORA-FWD-001", "LORA-FWD-009"), base="sd3-transformer"),
+    CaseSpec("clip-text-attention+mlp", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "fc1"]},
+             ("LORA-FWD-001",), base="clip-text"),
 ]
 
 # Full-size GPT-2 on the meta device: (target_modules, r) -> (trainable, total), recorded from peft.

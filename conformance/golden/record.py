@@ -50,7 +50,9 @@ def _write_base(name: str, folder: Path) -> torch.nn.Module:
 def _write_base_weights(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     folder.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "config"):  # a plain torch model (the zoo's MoE) is rebuilt by the zoo
-        (folder / "config.json").write_text(json.dumps(model.config.to_diff_dict(), indent=2, sort_keys=True))
+        config = model.config
+        config = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)  # diffusers: a dict
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
     shared = set(aliases(model))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in shared}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})

@@ -6,12 +6,14 @@ cached and handed out as deep copies, so an example costs a copy, not a construc
 
 import copy
 import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from . import diffusion
 from . import transformers_zoo as hf
 
 # Layer kinds, named as the driver capabilities that cover them.
@@ -35,11 +37,16 @@ class ZooModel:
     drawn: bool = True  # False: only fixed cases use it (a grouped conv cannot merge, and draws merge)
     parameters: tuple[str, ...] = ()  # names usable in target_parameters (bare parameters, 2-d or 3-d)
     quantized: str = ""  # a quantized base (quantized.SCHEMES): built on the run's device and dtype by quantized.py
+    requires: str = ""  # an optional package the model is built with (diffusers); without it, never drawn
     description: str = ""
 
     @property
     def single_layer(self) -> bool:
         return bool(self.layer)
+
+    @property
+    def available(self) -> bool:
+        return not self.requires or importlib.util.find_spec(self.requires) is not None
 
     def output(self, result) -> torch.Tensor:
         return output_tensor(result)
@@ -47,10 +54,10 @@ class ZooModel:
 
 def output_tensor(result) -> torch.Tensor:
     """The tensor a forward pass produces: logits (start and end logits stacked, for question answering), last
-    hidden state, or the tensor itself."""
+    hidden state, a denoiser's sample, or the tensor itself."""
     if getattr(result, "start_logits", None) is not None:
         return torch.stack([result.start_logits, result.end_logits])
-    for name in ("logits", "last_hidden_state"):
+    for name in ("logits", "last_hidden_state", "sample"):
         if hasattr(result, name):
             return getattr(result, name)
     return result
@@ -271,6 +278,29 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
                        "language_model.layers.1.self_attn.k_proj"), EMBEDDING: ("embed_tokens",)},
              description="LlavaForConditionalGeneration: a CLIP vision tower, a projector and a Llama language model "
                          "under model.language_model"),
+    # Diffusion (conformance/zoo/diffusion.py): the denoiser and the text encoder of a Stable-Diffusion-style model.
+    ZooModel("sd-unet", diffusion.sd_unet, diffusion.unet_inputs,
+             {LINEAR: ("to_q", "to_k", "to_v", "to_out.0", "attn2.to_k", "ff.net.0.proj", "ff.net.2",
+                       "time_emb_proj"),
+              CONV2D: ("conv1", "conv2", "proj_in", "proj_out", "conv_in")},
+             saveable=("conv_norm_out",), requires="diffusers",
+             description="UNet2DConditionModel (diffusers): 2 down and 2 up blocks (8 and 16 channels), "
+                         "cross-attention on 12-wide text embeddings, 4x8x8 latents at two timesteps"),
+    ZooModel("sd3-transformer", diffusion.sd3_transformer, diffusion.transformer_inputs,
+             {LINEAR: ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.2",
+                       "ff_context.net.0.proj"),
+              CONV2D: ("pos_embed.proj",)},
+             layers=(0, 1), layers_pattern="transformer_blocks",
+             in_blocks=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.2",
+                        "ff_context.net.0.proj"),
+             saveable=("norm_out",), requires="diffusers",
+             description="SD3Transformer2DModel (diffusers): an MMDiT of 2 joint-attention blocks over 2x2 patches of "
+                         "4x8x8 latents and 12-wide text embeddings"),
+    ZooModel("clip-text", diffusion.clip_text, hf.text_inputs,
+             {LINEAR: ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), EMBEDDING: ("token_embedding",)},
+             layers=(0, 1), layers_pattern="layers", in_blocks=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+             saveable=("final_layer_norm",),
+             description="CLIPTextModel, 2 layers of width 12: the text encoder a Stable Diffusion LoRA also adapts"),
     # QLoRA bases (conformance/zoo/quantized.py): the llama above loaded through bitsandbytes, its projections
     # quantized, lm_head not (transformers keeps it in the run's dtype). Only the QLORA tests draw them.
     *[ZooModel(f"llama-{scheme}", hf.llama, hf.text_inputs,

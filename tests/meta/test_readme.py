@@ -56,3 +56,37 @@ def test_readme_qlora_example_prints_what_peft_prints():
             exec(compile(source, "README.md", "exec"), {})
         assert printed.getvalue().strip() == stated == \
             "trainable params: 139,264 || all params: 1,963,264 || trainable%: 7.0935", library
+
+
+def test_readme_diffusion_example_writes_a_kohya_file_peft_s_adapter_reads_back(tmp_path):
+    """The diffusion example as written: the line it states (peft prints the same for that config), and the kohya
+    file it writes reads back, against the same UNet, as the adapter it was written from."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    import torch
+    from safetensors.torch import load_file
+
+    from conformance.adapter_kit import kohya
+    from conformance.zoo import diffusion
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Diffusion LoRA.*?```python\n(.*?)```", readme, re.S).group(1)
+    printed, scope, cwd = io.StringIO(), {}, os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    stated = re.search(r"# (trainable params: [^(]*?)\s+\(peft", code).group(1)
+    assert printed.getvalue().strip() == stated
+    values, config = kohya.read(load_file(tmp_path / "lora.safetensors"), {"unet": diffusion.sd_unet()})["unet"]
+    written = scope["get_peft_model_state_dict"](scope["unet"])
+    assert values.keys() == written.keys() and all(torch.equal(values[k], written[k]) for k in values)
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    peft = pytest.importorskip("peft")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        peft.get_peft_model(diffusion.sd_unet(), peft.LoraConfig(**scope["config"])).print_trainable_parameters()
+    assert printed.getvalue().strip() == stated

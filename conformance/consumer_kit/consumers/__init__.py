@@ -20,7 +20,8 @@ from .. import corpus
 
 CONSUMERS = {"reference": "conformance.consumer_kit.consumers.reference",
              "transformers": "conformance.consumer_kit.consumers.transformers_loader",
-             "llama.cpp": "conformance.consumer_kit.consumers.llama_cpp"}
+             "llama.cpp": "conformance.consumer_kit.consumers.llama_cpp",
+             "diffusers": "conformance.consumer_kit.consumers.diffusers_loader"}
 
 
 class NotApplicable(Exception):
@@ -63,6 +64,13 @@ def run(name: str, corpus_dir: Path, results: Path, only: tuple[str, ...] = ()) 
                   folder / "logits.safetensors")
         done[case.name] = "ok" if not failed else f"failed: {', '.join(failed)}"
     return done
+
+
+def language_models_only(case, consumer: str) -> None:
+    """A consumer of language-model adapters refuses the corpus' diffusion cases, saying so."""
+    if case.kind != "causal_lm":
+        raise NotApplicable(f"{consumer} applies adapters to language models; this case is a {case.kind} pipeline "
+                            f"with a {case.manifest.get('adapter_format', 'peft')} file")
 
 
 def base_model(case):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import NotApplicable
+from . import NotApplicable, language_models_only
 
 SOURCE_ENV = "PEFT_CONFORMANCE_LLAMA_CPP_SOURCE"
 EXPORT_LORA_ENV = "PEFT_CONFORMANCE_LLAMA_EXPORT_LORA"
@@ -78,6 +78,7 @@ def _base_gguf(base_dir: Path) -> Path:
 
 
 def compute(case) -> dict:
+    language_models_only(case, "llama.cpp")
     try:
         base = _base_gguf(case.base_dir)
     except NotApplicable as refusal:

@@ -5,7 +5,7 @@ no merge of its own, so "merged" is not applicable."""
 import torch
 import transformers
 
-from . import base_model
+from . import base_model, language_models_only
 
 
 def identity() -> dict:
@@ -17,6 +17,7 @@ def identity() -> dict:
 
 
 def compute(case) -> dict:
+    language_models_only(case, "transformers' load_adapter")
     model = base_model(case)
     model.load_adapter(str(case.adapter_dir), adapter_name=case.manifest["adapter_name"])
     model.eval()
