@@ -296,7 +296,8 @@ def golden_check(results: str = typer.Argument(..., help="RESULTS: <case>/logits
     from pathlib import Path
 
     from .consumer_kit import consumer_check
-    from .engine import expectations as expectations_module, report, terminal
+    from .engine import expectations as expectations_module
+    from .engine import report, terminal
 
     try:
         goldens = (consumer_check.corpus_goldens(Path(corpus_dir)) if corpus_dir

@@ -15,10 +15,21 @@ from typing import Optional
 
 import torch
 
-from reference_impl import (METHODS, PEFT_ONLY_FIELDS, LoraConfig, PeftModel, make_lora_layer, matches_target,
-                            pattern_value, read_weights, resolve_targets, unmatched_pattern_keys, with_task_heads)
-from reference_impl.save_load import adapter_state_dict, module_path
+from reference_impl import (
+    METHODS,
+    PEFT_ONLY_FIELDS,
+    LoraConfig,
+    PeftModel,
+    make_lora_layer,
+    matches_target,
+    pattern_value,
+    read_weights,
+    resolve_targets,
+    unmatched_pattern_keys,
+    with_task_heads,
+)
 from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_adapter_name, split_key
+from reference_impl.save_load import adapter_state_dict, module_path
 
 from ..zoo import models, quantized
 from . import kohya_check

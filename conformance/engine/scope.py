@@ -12,8 +12,7 @@ from typing import Optional
 
 from torch import nn
 
-from reference_impl.peft_format import TASK_HEADS
-from reference_impl.peft_format import is_conv1d
+from reference_impl.peft_format import TASK_HEADS, is_conv1d
 from reference_impl.quantized import is_quantized_linear
 
 from .. import api

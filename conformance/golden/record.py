@@ -16,13 +16,24 @@ from safetensors.torch import load_file, save_file
 from reference_impl.peft_format import adapter_directory
 
 from .. import SPEC_VERSION
+from ..drivers.peft_shaped import CONFIG_CLASSES
 from ..engine import harness
 from ..zoo import models, quantized
-from ..drivers.peft_shaped import CONFIG_CLASSES
 from .diff import changes
 from .recipes import CASE_SPECS, COUNT_CONFIGS, CaseSpec
-from .store import (COMBINED, LOCK_NAME, QUANTIZATION, SECOND, aliases, editable, fixture_files, read_lock, sha256,
-                    source, versions)
+from .store import (
+    COMBINED,
+    LOCK_NAME,
+    QUANTIZATION,
+    SECOND,
+    aliases,
+    editable,
+    fixture_files,
+    read_lock,
+    sha256,
+    source,
+    versions,
+)
 
 
 def producers() -> dict:
