@@ -144,6 +144,21 @@ def test_the_profiles_are_the_same_on_ci_and_off_it(on_ci):
     assert profiles["ci"][0] and profiles["gate"][0] and profiles["quick"][0]
 
 
+def test_the_draws_depend_on_the_profile_and_the_seed_alone(tmp_path, monkeypatch):
+    """Hypothesis also draws literals read from the source of every loaded local module: a user's driver module (or a
+    module another test had imported in the same xdist worker) changed the cases the same profile drew."""
+    (tmp_path / "users_module.py").write_text("SIZES = (3, 5, 6, 7, 17, 31, 4242, 65537)\nRATE = 0.25\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    args = ("--pyargs", "conformance.suite.test_keys", "--peft-impl=reference", "--peft-profile=ci", "-s",
+            "--hypothesis-verbosity=verbose", "-k", "match_peft or shapes_and_dtypes or dora_magnitude")
+    draws = []
+    for extra in ((), ("-p", "users_module")):
+        printed = run_suite(*args, *extra)
+        assert printed.returncode == 0, printed.stdout[-3000:]
+        draws.append([line for line in printed.stdout.splitlines() if line.startswith("Draw ")])
+    assert len(draws[0]) >= 30 and draws[0] == draws[1]
+
+
 def test_a_failure_is_short_and_its_repro_fails_the_same_way_in_a_fresh_shell(tmp_path):
     """Profile dev draws at random: the printed repro carries the seed and this interpreter's path, so pasted into a
     shell without this environment (no PYTHONPATH, no venv on PATH) it fails with the same numbers; and the whole
