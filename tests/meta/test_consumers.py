@@ -86,6 +86,39 @@ def test_export_never_overwrites_and_never_exports_a_damaged_corpus(exported, tm
 
 
 @pytest.mark.req("LORA-CONS-001", "LORA-CONS-002", "LORA-CONS-003")
+def test_a_new_corpus_version_keeps_an_earlier_recording_of_an_unchanged_case(tmp_path):
+    """Recorded again, an unchanged case differs only by float noise and by the order peft writes target_modules in:
+    the new version keeps the earlier files (the store keeps them once); a case whose outputs or inputs changed keeps
+    its new recording."""
+    stored = corpus.stored()
+    earlier, new = tmp_path / "corpus", tmp_path / "new"
+    shutil.copytree(stored, earlier / "v1")
+    shutil.copytree(stored, new)
+    names = {"noise": "llama-all-linear", "changed": "llama-dora", "new inputs": "gpt2-c_attn"}
+    for name in names.values():
+        expected = load_file(new / "cases" / name / "expected.safetensors")
+        step = 1e-7 if name == names["noise"] else 1e-2
+        save_file({k: v + step for k, v in expected.items()}, new / "cases" / name / "expected.safetensors")
+    config_path = new / "cases" / names["noise"] / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = sorted(config["target_modules"], reverse=True)
+    config_path.write_text(json.dumps(config))
+    inputs = load_file(new / "cases" / names["new inputs"] / "inputs.safetensors")
+    save_file({k: v.flip(-1).contiguous() for k, v in inputs.items()},
+              new / "cases" / names["new inputs"] / "inputs.safetensors")
+    before = {name: (new / "cases" / name / "expected.safetensors").read_bytes() for name in names.values()}
+    manifest = json.loads((new / corpus.MANIFEST).read_text())
+    for entry in manifest["cases"]:
+        corpus._keep_an_earlier_recording(entry, new, earlier)
+    kept = lambda name, file: (new / "cases" / name / file).read_bytes()  # noqa: E731
+    assert kept(names["noise"], "expected.safetensors") == (stored / "cases" / names["noise"] / "expected.safetensors"
+                                                           ).read_bytes()
+    assert kept(names["noise"], "adapter/adapter_config.json") == (
+        stored / "cases" / names["noise"] / "adapter" / "adapter_config.json").read_bytes()
+    for name in (names["changed"], names["new inputs"]):
+        assert kept(name, "expected.safetensors") == before[name]
+
+
 def test_reference_consumer_passes_and_one_flipped_sign_fails(exported, tmp_path):
     consumers.run("reference", exported, tmp_path / "good")
     result = _golden_check(tmp_path / "good", exported, "--report", str(tmp_path / "report.json"))
