@@ -115,12 +115,12 @@ CASES = [
                ("kohya",), ("LORA-KOHYA-001", "LORA-KOHYA-002"), kind="diffusion",
                note="one alpha for every module (8, r 4: scaling 2), UNet and text encoder attention"),
     CorpusCase("sd-kohya-locon", diffusion_cases.BASE,
-               {"unet": {"r": 4, "lora_alpha": 2, "rank_pattern": {"conv1": 2},
+               {"unet": {"r": 2, "lora_alpha": 1, "rank_pattern": {"conv1": 1},
                          "target_modules": ["conv1", "conv2", "conv_shortcut", "proj_in", "proj_out",
                                             "time_emb_proj", "ff.net.0.proj", "ff.net.2"]}},
                ("kohya", "conv_lora", "rank_per_module"), ("LORA-KOHYA-001", "LORA-FWD-006"), kind="diffusion",
                note="LoCon: 3x3 and 1x1 convolutions (lora_down a conv of the layer's kernel, lora_up 1x1), conv1 "
-                    "at rank 2 (scaling 1) beside rank 4 (scaling 0.5)"),
+                    "at rank 1 (scaling 1) beside rank 2 (scaling 0.5)"),
     CorpusCase("sd-kohya-alpha-per-module", diffusion_cases.BASE,
                {"unet": {"r": 4, "lora_alpha": 4, "target_modules": _UNET_ATTENTION + ["conv2"],
                          "rank_pattern": {"to_v": 2}, "alpha_pattern": {"to_k": 1, "to_out.0": 16, "conv2": 8}}},
@@ -142,6 +142,12 @@ CASES = [
                 "text_encoder": {"r": 2, "lora_alpha": 2, "target_modules": _TEXT_ATTENTION}},
                ("kohya", "no_alpha"), ("LORA-KOHYA-001",), kind="diffusion", kohya_alphas=False,
                note="no .alpha tensors: alpha = r, scaling 1"),
+    CorpusCase("sd-kohya-fp16", diffusion_cases.BASE,
+               {"unet": {"r": 2, "lora_alpha": 8, "target_modules": ["to_q", "to_out.0", "conv2"]},
+                "text_encoder": {"r": 2, "lora_alpha": 1, "target_modules": ["q_proj", "out_proj"]}},
+               ("kohya", "fp16_adapter"), ("LORA-KOHYA-001", "LORA-KOHYA-002"), kind="diffusion", dtype="float16",
+               note="the file in float16, .alpha included, as kohya-ss scripts save it by default; the pipeline is "
+                    "float32 and so is the computation"),
 ]
 
 

@@ -75,6 +75,7 @@ def write_case(case, bases: dict[str, torch.nn.Module], root: Path) -> dict:
     state = kohya.write(adapters)
     if not case.kohya_alphas:  # trainers that save no .alpha: a reader takes alpha = r
         state = {key: value for key, value in state.items() if not key.endswith(kohya.ALPHA)}
+    state = {key: value.to(getattr(torch, case.dtype)) for key, value in state.items()}  # .alpha too, as kohya does
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, folder / KOHYA_FILE, metadata={"format": "pt"})
 
@@ -99,7 +100,7 @@ def write_case(case, bases: dict[str, torch.nn.Module], root: Path) -> dict:
               metadata={"format": "pt"})
     relative = lambda path: str(path.relative_to(root))  # noqa: E731
     return {"name": case.name, "kind": "diffusion", "base": f"bases/{BASE}", "adapter": relative(folder / KOHYA_FILE),
-            "adapter_format": "kohya", "adapter_name": "default", "adapter_dtype": "float32",
+            "adapter_format": "kohya", "adapter_name": "default", "adapter_dtype": case.dtype,
             "adapter_weight": ADAPTER_WEIGHT, "features": list(case.features),
             "requirements": list(case.requirements), "inputs": relative(folder / "inputs.safetensors"),
             "expected": relative(folder / "expected.safetensors"), "outputs": ["unmerged", "merged", "disabled",
