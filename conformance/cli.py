@@ -209,17 +209,17 @@ def compare(reports: list[str] = typer.Argument(..., help="JSON reports, or fold
 
 
 @app.command("check-adapter")
-def check_adapter(directory: str = typer.Argument(..., help="the adapter directory (or a kohya-layout .safetensors "
-                                                           "file, with a diffusion --base)"),
+def check_adapter(directory: str = typer.Argument(..., help="the adapter directory (or a diffusion LoRA file, kohya "
+                                                           "or diffusers layout, with a diffusion --base)"),
                   base: str = typer.Option(None, help="the base model: a model directory (config.json; weights "
-                                                       "optional), module:factory or a zoo model name; for a kohya "
-                                                       "file a pipeline directory (unet/, text_encoder/) or sd-tiny; "
-                                                       "without it, the built-in tiny GPT-2 (gpt2-tiny), and a note "
-                                                       "says so"),
+                                                       "optional), module:factory or a zoo model name; for a "
+                                                       "diffusion LoRA file a pipeline directory (unet/, "
+                                                       "text_encoder/) or sd-tiny; without it, the built-in tiny "
+                                                       "GPT-2 (gpt2-tiny), and a note says so"),
                   as_json: bool = typer.Option(False, "--json", help="print the findings as JSON"),
                   allow_pickle: bool = typer.Option(False, help="read adapter_model.bin (runs code from the file)")
                   ) -> None:
-    """Validate an adapter directory written by any tool (or a kohya-layout file); exit 1 on any error."""
+    """Validate an adapter directory written by any tool (or a diffusion LoRA file); exit 1 on any error."""
     import json as json_module
 
     from .adapter_kit.check_adapter import check

@@ -32,7 +32,7 @@ from reference_impl.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, keeps_
 from reference_impl.save_load import adapter_state_dict, module_path
 
 from ..zoo import models, quantized
-from . import kohya_check
+from . import diffusion_check
 from .foreign import identify
 
 
@@ -131,9 +131,10 @@ def check(directory, base: str = "gpt2-tiny", allow_pickle: bool = False) -> Rep
         report.add("error", "path.missing", f"{directory}: no such file or directory")
         return report
     foreign = identify(directory)
-    pipeline = kohya_check.diffusion_bases(base)
-    if foreign is not None and foreign.tool.startswith("kohya") and pipeline is not None:
-        return kohya_check.check(directory, pipeline, report)
+    pipeline = diffusion_check.diffusion_bases(base)
+    layout = None if foreign is None else "kohya" if foreign.tool.startswith("kohya") else foreign.tool
+    if layout in ("kohya", "diffusers") and pipeline is not None:
+        return diffusion_check.check(directory, pipeline, report, layout)
     if foreign is not None:  # one verdict: what wrote it and what to do; its symptoms would only repeat that
         report.add("error", "format.foreign", foreign.message(directory))
         return report

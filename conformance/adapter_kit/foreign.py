@@ -12,7 +12,6 @@ from typing import Optional
 
 from reference_impl.peft_format import PREFIX
 
-
 MLX_ADVICE = ("convert it: lora_A = lora_a.T, lora_B = lora_b.T, lora_alpha = scale * rank "
               "(conformance/drivers/mlx.py: mlx_to_peft)")
 
@@ -53,6 +52,10 @@ def _header_keys(path: Path) -> tuple[list[str], dict]:
     return sorted(header), metadata
 
 
+CHECK_WITH_A_PIPELINE = ("check-adapter checks it against a diffusion base: --base PIPELINE_DIR (unet/, text_encoder/) "
+                         "or sd-tiny")
+
+
 def _json(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text())
@@ -68,7 +71,8 @@ def _from_keys(keys: list[str], metadata: dict, file: str) -> Optional[Foreign]:
             any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys) or "ss_network_module" in metadata:
         return Foreign("kohya-ss (sd-scripts / A1111 / ComfyUI)",
                        f"{file} holds lora_down / lora_up / .alpha tensors such as {sample!r}",
-                       "diffusers reads it (load_lora_weights); its alpha is per module, and peft has no reader for it")
+                       "diffusers reads it (load_lora_weights); its alpha is per module, and peft has no reader for "
+                       f"it; {CHECK_WITH_A_PIPELINE}")
     if any(part in k for k in keys if not k.startswith(PREFIX)  # peft's own LoHa / LoKr files use the same names
            for part in ("hada_w1_a", "lokr_w1", "lokr_w2", ".hada_", "lycoris_")):
         return Foreign("LyCORIS (LoHa / LoKr)", f"{file} holds tensors such as {sample!r}",
@@ -80,7 +84,8 @@ def _from_keys(keys: list[str], metadata: dict, file: str) -> Optional[Foreign]:
                                                   and ".lora" in k for k in keys):
         return Foreign("diffusers", f"{file} is keyed {sample!r} without '{PREFIX}'",
                        f"diffusers' load_lora_weights reads it; for peft, prefix the keys with '{PREFIX}' and "
-                       "write lora_alpha (diffusers assumes lora_alpha = r when its metadata is missing)")
+                       "write lora_alpha (diffusers assumes lora_alpha = r when its metadata is missing); "
+                       f"{CHECK_WITH_A_PIPELINE}")
     if any(k.endswith((".lora_a", ".lora_b")) for k in keys):
         return Foreign("mlx-lm", f"{file} holds lora_a / lora_b factors such as {sample!r}, stored transposed "
                                  "against peft's", MLX_ADVICE)

@@ -13,7 +13,8 @@ which computes the same.
 
 The flattened names lose the difference between '.' and '_', so `read` finds each module in the base by its
 flattened path (the one reading that cannot guess wrong). diffusers rebuilds paths with string rules instead and
-turns per-module alphas into peft's alpha_pattern; `loaded_by_diffusers` measures what it does to each module.
+turns per-module alphas into peft's alpha_pattern; adapter_kit/diffusion_check.py measures what it does to each
+module.
 """
 
 import collections
@@ -91,7 +92,7 @@ def read(state: dict[str, torch.Tensor], bases: dict[str, nn.Module]) -> dict[st
             values[f"{PREFIX}{path}.lora_A.weight"], values[f"{PREFIX}{path}.lora_B.weight"] = down, up
             ranks[path] = down.shape[0]
             alphas[path] = state[name + ALPHA].item() if name + ALPHA in state else float(ranks[path])
-        out[component] = (values, _config(ranks, alphas))
+        out[component] = (values, config_from(ranks, alphas))
     return out
 
 
@@ -134,7 +135,9 @@ def _resolve(names: dict[str, str], base: nn.Module, component: str) -> dict[str
     return paths
 
 
-def _config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+def config_from(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """LoraConfig fields for modules (full paths) with these ranks and alphas: the most common as r and lora_alpha,
+    the others as anchored rank_pattern / alpha_pattern entries."""
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks)}
@@ -147,36 +150,3 @@ def _config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
 def _anchored(path: str) -> str:
     """A pattern key that matches this module alone (peft matches pattern keys as regexes against path suffixes)."""
     return "^" + re.escape(path)
-
-
-def loaded_by_diffusers(state: dict[str, torch.Tensor], pipeline) -> dict[str, dict[str, tuple[int, float]]]:
-    """What diffusers' `load_lora_weights` does with a kohya state dict, measured: per component, each adapted
-    module's path -> (rank, scaling) as the peft layers it creates hold them. `pipeline` is a diffusers pipeline
-    (its unet and text encoders are changed: pass a copy)."""
-    from peft.tuners.lora import LoraLayer
-
-    pipeline.load_lora_weights(dict(state), adapter_name="kohya")
-    out = {}
-    for component in COMPONENTS:
-        model = getattr(pipeline, component, None)
-        if model is None:
-            continue
-        layers = {path: (layer.r["kohya"], float(layer.scaling["kohya"])) for path, layer in model.named_modules()
-                  if isinstance(layer, LoraLayer) and "kohya" in layer.r}
-        if layers:
-            out[component] = layers
-    return out
-
-
-def expected_scalings(state: dict[str, torch.Tensor], bases: dict[str, nn.Module]
-                      ) -> dict[str, dict[str, tuple[int, float]]]:
-    """Each module's (rank, scaling) as the kohya file defines them (alpha / r, alpha = r where absent)."""
-    out = {}
-    for component, (values, config) in read(state, bases).items():
-        paths = [key.removeprefix(PREFIX).split(".lora_A.")[0] for key in values if ".lora_A." in key]
-        out[component] = {}
-        for path in paths:
-            r = pattern_value(path, config.get("rank_pattern") or {}, config["r"])
-            alpha = pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
-            out[component][path] = (r, alpha / r)
-    return out

@@ -9,12 +9,14 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from conformance.adapter_kit import kohya
+from conformance.adapter_kit import diffusers_layout, diffusion_check, kohya
 from conformance.engine import harness
 from conformance.engine.strategies import Case
 from conformance.zoo import models
+from reference_impl.peft_format import PREFIX
 
 pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -71,7 +73,7 @@ def test_a_written_file_reads_back_as_the_adapter_it_came_from(adapters, compone
 
 def test_a_module_without_alpha_computes_with_scaling_one(adapters):
     state = {k: v for k, v in _state(adapters).items() if not k.endswith(kohya.ALPHA)}
-    scalings = kohya.expected_scalings(state, _bases())
+    scalings = diffusion_check.scalings(kohya.read(state, _bases()))
     assert {s for component in scalings.values() for _, s in component.values()} == {1.0}
 
 
@@ -106,23 +108,67 @@ def test_an_embedding_adapter_is_refused_when_writing():
         kohya.write({"text_encoder": ({"base_model.model.embeddings.token_embedding.lora_embedding_A": None}, {})})
 
 
-def test_diffusers_applies_uniform_alphas_and_per_module_ranks_as_the_file_defines(adapters):
-    """Where diffusers 0.42.1 reads kohya files right: one alpha per component (or per-module alphas on convolutions)
-    and ranks that differ per module. Its departures are the corpus' diffusion cases (expectations/consumers/)."""
+def _differing(file, adapters, bases):
+    """Modules whose (rank, scaling) diffusers' load_lora_weights sets otherwise than the adapters define them."""
     from conformance.zoo import diffusion
 
+    loaded = diffusion_check.loaded_by_diffusers(file, diffusion.pipeline(copy.deepcopy(bases["unet"]),
+                                                                          copy.deepcopy(bases["text_encoder"])))
+    wanted = diffusion_check.scalings(adapters)
+    assert {c: set(paths) for c, paths in loaded.items()} == {c: set(paths) for c, paths in wanted.items()}
+    return [(c, p, loaded[c][p], wanted[c][p]) for c in wanted for p in wanted[c]
+            if loaded[c][p][0] != wanted[c][p][0] or abs(loaded[c][p][1] - wanted[c][p][1]) > 1e-6]
+
+
+def test_diffusers_applies_uniform_alphas_and_per_module_ranks_as_the_file_defines(tmp_path):
+    """Where diffusers 0.42.1 reads kohya files right: one alpha per component (or per-module alphas on convolutions)
+    and ranks that differ per module. Its departures are the corpus' diffusion cases (expectations/consumers/)."""
     unet = {**UNET, "alpha_pattern": {"conv2": 16}}  # a per-module alpha on a convolution: read right
     text = {k: v for k, v in TEXT.items() if k != "alpha_pattern"}
     state = kohya.write({"unet": (_peft_adapter("sd-unet", unet).values, unet),
                          "text_encoder": (_peft_adapter("clip-text", text).values, text)})
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "lora.safetensors")
     bases = _bases()
-    loaded = kohya.loaded_by_diffusers(state, diffusion.pipeline(copy.deepcopy(bases["unet"]),
-                                                                 copy.deepcopy(bases["text_encoder"])))
-    wanted = kohya.expected_scalings(state, bases)
-    assert {c: set(paths) for c, paths in loaded.items()} == {c: set(paths) for c, paths in wanted.items()}
-    differing = [(c, p, loaded[c][p], wanted[c][p]) for c in wanted for p in wanted[c]
-                 if loaded[c][p][0] != wanted[c][p][0] or abs(loaded[c][p][1] - wanted[c][p][1]) > 1e-6]
+    differing = _differing(tmp_path / "lora.safetensors", kohya.read(state, bases), bases)
     assert not differing, differing[:3]
+
+
+def _diffusers_file(adapters, folder, with_config: bool):
+    """The adapters saved by diffusers' own save_lora_weights, their configs in the file's metadata or not."""
+    from diffusers import StableDiffusionPipeline
+
+    layers = {c: {k.removeprefix(PREFIX): v.contiguous() for k, v in adapters[c].values.items()} for c in adapters}
+    configs = {"unet_lora_adapter_metadata": dict(UNET), "text_encoder_lora_adapter_metadata": dict(TEXT)}
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers["unet"],
+                                              text_encoder_lora_layers=layers["text_encoder"],
+                                              **(configs if with_config else {}))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_a_diffusers_file_reads_as_its_metadata_says_and_diffusers_loads_it_so(adapters, tmp_path, with_config):
+    """diffusers' layout: with the configs in its metadata, the file reads back as the adapters it came from
+    (rsLoRA and per-module alphas included) and diffusers applies each module with their rank and scaling; without
+    them the file does not say alpha, and both read alpha = r."""
+    file = _diffusers_file(adapters, tmp_path, with_config)
+    with safe_open(file, "pt") as opened:
+        read = diffusers_layout.read(load_file(file), opened.metadata(), _bases())
+    for component, (values, config) in read.items():
+        original = adapters[component]
+        assert values.keys() == original.values.keys()
+        model = peft.get_peft_model(models.build(original.case.model), peft.LoraConfig(**config))
+        peft.set_peft_model_state_dict(model, values)
+        assert torch.equal(original.output(model.eval()), original.output()) == with_config
+    scalings = {s for c in diffusion_check.scalings(read).values() for _, s in c.values()}
+    assert (scalings == {1.0}) != with_config
+    assert not _differing(file, read, _bases())
+
+
+def test_a_diffusers_file_naming_no_module_of_the_base_is_an_error_naming_it(adapters, tmp_path):
+    state = load_file(_diffusers_file(adapters, tmp_path, True))
+    state["unet.down_blocks.9.resnets.0.conv1.lora_A.weight"] = torch.zeros(2, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"unet\.down_blocks\.9\.resnets\.0\.conv1\.lora_A\.weight: .* no Linear"):
+        diffusers_layout.read(state, {}, _bases())
 
 
 def test_check_adapter_says_what_diffusers_does_with_a_kohya_file(adapters, tmp_path):
@@ -135,3 +181,14 @@ def test_check_adapter_says_what_diffusers_does_with_a_kohya_file(adapters, tmp_
     assert "reference_impl and peft compute the file's adapter identically" in findings["numbers.peft"]
     # the per-module alpha on ff.net.2 (a Linear of the UNet's transformer blocks) and fc1 (the text encoder's MLP)
     assert "the file says" in findings["diffusers.scaling"]
+
+
+def test_check_adapter_says_what_diffusers_does_with_a_diffusers_file(adapters, tmp_path):
+    file = _diffusers_file(adapters, tmp_path, with_config=False)
+    done = subprocess.run([sys.executable, "-m", "conformance.cli", "check-adapter", str(file), "--base", "sd-tiny",
+                           "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    findings = {f["code"]: f["message"] for f in json.loads(done.stdout)["findings"]}
+    assert "reference_impl and peft compute the file's adapter identically" in findings["numbers.peft"]
+    assert "does not say alpha" in findings["alpha.missing"] and "format.foreign" not in findings
+    assert "with the file's rank and scaling" in findings["diffusers.same"]

@@ -1,20 +1,25 @@
-"""check-adapter for a kohya-layout LoRA file against a diffusion base: every module found in the base by its
-flattened path, its rank and scaling as the file defines them, the adapter computed by reference_impl and by peft
-(they must agree), and, when diffusers is installed, what its load_lora_weights does with each module, measured
-(conformance/adapter_kit/kohya.py; findings in docs/consumer-findings.md)."""
+"""check-adapter for a diffusion LoRA file (the kohya layout, or diffusers' own) against a diffusion base: every
+module found in the base, its rank and scaling as the file defines them, the adapter computed by reference_impl and
+by peft (they must agree), and, when diffusers is installed, what its load_lora_weights does with each module,
+measured (conformance/adapter_kit/kohya.py, diffusers_layout.py; findings in docs/consumer-findings.md)."""
 
 import copy
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from reference_impl.peft_format import PREFIX, scaling
+from reference_impl.targeting import pattern_value
+
 from ..zoo import models
-from . import kohya
+from . import diffusers_layout, kohya
 
 PIPELINE = "sd-tiny"  # the zoo's pipeline: its UNet and text encoder (conformance/zoo/diffusion.py)
 ZOO_COMPONENTS = {"unet": "sd-unet", "text_encoder": "clip-text"}
+CHECKED = "checked"  # the adapter name the file is loaded under
 
 
 def diffusion_bases(spec: str) -> Optional[dict[str, torch.nn.Module]]:
@@ -36,22 +41,62 @@ def diffusion_bases(spec: str) -> Optional[dict[str, torch.nn.Module]]:
     return bases
 
 
-def check(path: Path, bases: dict, report):
+def check(path: Path, bases: dict, report, layout: str = "kohya"):
+    """`layout`: "kohya" or "diffusers" (what adapter_kit/foreign.py told the file apart as)."""
     file = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))), path)
     try:
         state = load_file(file)
-        adapters = kohya.read(state, bases)
+        if layout == "kohya":
+            adapters = kohya.read(state, bases)
+        else:
+            with safe_open(file, "pt") as opened:
+                metadata = opened.metadata()
+            adapters = diffusers_layout.read(state, metadata, bases)
+            if not diffusers_layout.has_alphas(metadata):
+                report.add("warning", "alpha.missing", f"{file.name} has no {diffusers_layout.METADATA} metadata, so "
+                           "it does not say alpha: diffusers (and this check) read alpha = r, scaling 1, for every "
+                           "module; a file trained with another alpha lost it (save_lora_weights(..., "
+                           "unet_lora_adapter_metadata=config) keeps it)")
     except (ValueError, OSError) as error:
-        report.add("error", "kohya.read", f"{file}: {error}")
+        report.add("error", f"{layout}.read", f"{file}: {error}")
         return report
     for component, (values, config) in adapters.items():
-        patterns = {k: len(config.get(k, {})) for k in ("rank_pattern", "alpha_pattern")}
-        report.add("info", "kohya.modules", f"{component}: {len(config['target_modules'])} modules, r {config['r']}, "
-                   f"alpha {config['lora_alpha']:g} ({patterns['rank_pattern']} other ranks, "
-                   f"{patterns['alpha_pattern']} other alphas); scaling alpha / r per module")
+        patterns = {k: len(config.get(k) or {}) for k in ("rank_pattern", "alpha_pattern")}
+        count = sum(".lora_A." in key for key in values)
+        report.add("info", f"{layout}.modules", f"{component}: {count} modules, r {config.get('r', 8)}, alpha "
+                   f"{config.get('lora_alpha', 8):g} ({patterns['rank_pattern']} other ranks, "
+                   f"{patterns['alpha_pattern']} other alphas)" + (", rsLoRA" if config.get("use_rslora") else ""))
     _check_numbers(adapters, bases, report)
-    _check_diffusers(state, bases, report)
+    _check_diffusers(file, adapters, bases, report)
     return report
+
+
+def scalings(adapters: dict) -> dict[str, dict[str, tuple[int, float]]]:
+    """Each adapted module's (rank, scaling) per component, as the adapters' configs define them."""
+    out = {}
+    for component, (values, config) in adapters.items():
+        out[component] = {}
+        for path in (key.removeprefix(PREFIX).split(".lora_A.")[0] for key in values if ".lora_A." in key):
+            r = pattern_value(path, config.get("rank_pattern") or {}, config.get("r", 8))
+            alpha = pattern_value(path, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8))
+            out[component][path] = (r, scaling(alpha, r, config.get("use_rslora", False)))
+    return out
+
+
+def loaded_by_diffusers(file: Path, pipeline) -> dict[str, dict[str, tuple[int, float]]]:
+    """What diffusers' `load_lora_weights` does with a LoRA file, measured: per component, each adapted module's
+    path -> (rank, scaling) as the peft layers it creates hold them. `pipeline` is changed: pass a copy."""
+    from peft.tuners.lora import LoraLayer
+
+    pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=CHECKED)
+    out = {}
+    for component in kohya.COMPONENTS:
+        model = getattr(pipeline, component, None)
+        layers = {path: (layer.r[CHECKED], float(layer.scaling[CHECKED])) for path, layer in model.named_modules()
+                  if isinstance(layer, LoraLayer) and CHECKED in layer.r} if model is not None else {}
+        if layers:
+            out[component] = layers
+    return out
 
 
 def _check_numbers(adapters: dict, bases: dict, report) -> None:
@@ -88,7 +133,7 @@ def _inputs(component: str, base) -> dict:
     return {"input_ids": torch.randint(3, min(base.config.vocab_size, 99), (1, 5), generator=generator)}
 
 
-def _check_diffusers(state: dict, bases: dict, report) -> None:
+def _check_diffusers(file: Path, adapters: dict, bases: dict, report) -> None:
     """What diffusers' load_lora_weights does with each module, against what the file defines."""
     try:
         import diffusers
@@ -101,12 +146,12 @@ def _check_diffusers(state: dict, bases: dict, report) -> None:
         return
     pipeline = diffusion.pipeline(copy.deepcopy(bases["unet"]), copy.deepcopy(bases["text_encoder"]))
     try:
-        loaded = kohya.loaded_by_diffusers(state, pipeline)
+        loaded = loaded_by_diffusers(file, pipeline)
     except Exception as error:  # noqa: BLE001 - what diffusers refuses, said as such
         report.add("warning", "diffusers.refused", f"diffusers {diffusers.__version__}'s load_lora_weights refuses "
                    f"the file: {type(error).__name__}: {error}")
         return
-    for component, wanted in kohya.expected_scalings(state, bases).items():
+    for component, wanted in scalings(adapters).items():
         got = loaded.get(component, {})
         dropped = sorted(set(wanted) - set(got))
         if dropped:
@@ -116,7 +161,7 @@ def _check_diffusers(state: dict, bases: dict, report) -> None:
         rescaled = sorted(p for p in set(wanted) & set(got) if abs(got[p][1] - wanted[p][1]) > 1e-6)
         for path in rescaled[:5]:
             report.add("warning", "diffusers.scaling", f"diffusers {diffusers.__version__} applies {component}."
-                       f"{path} with scaling {got[path][1]:g}; the file says {wanted[path][1]:g} (alpha / r)")
+                       f"{path} with scaling {got[path][1]:g}; the file says {wanted[path][1]:g}")
         if len(rescaled) > 5:
             report.add("warning", "diffusers.scaling", f"... and {len(rescaled) - 5} more {component} modules")
         if not dropped and not rescaled:
