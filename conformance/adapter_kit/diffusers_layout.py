@@ -1,7 +1,7 @@
 """diffusers' own LoRA layout (`save_lora_weights`, pytorch_lora_weights.safetensors): peft's tensor names with
-'<component>.' (unet, transformer, text_encoder, text_encoder_2) where peft writes 'base_model.model.':
+'<component>.' (unet, transformer, text_encoder, text_encoder_2) where peft writes its prefix (peft_format.PREFIX):
 
-    unet.<path>.lora_A.weight            = peft's base_model.model.<path>.lora_A.weight
+    unet.<path>.lora_A.weight            = peft's <prefix><path>.lora_A.weight
     text_encoder.<path>.lora_B.weight    (the text encoder's paths as the transformers that saved it names them)
 
 Since diffusers 0.34 `save_lora_weights(..., unet_lora_adapter_metadata=config)` also stores each component's

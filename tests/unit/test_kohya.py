@@ -59,6 +59,7 @@ def test_the_written_names_are_kohya_s(adapters):
     assert state["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"].item() == pytest.approx(4 / 2 * 4)
 
 
+@pytest.mark.req("LORA-KOHYA-001", "LORA-KOHYA-002")
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
 def test_a_written_file_reads_back_as_the_adapter_it_came_from(adapters, component):
     """Same tensors, and loaded into peft with the config read, the same output bit for bit."""
@@ -71,6 +72,7 @@ def test_a_written_file_reads_back_as_the_adapter_it_came_from(adapters, compone
     assert torch.equal(original.output(model.eval()), original.output())
 
 
+@pytest.mark.req("LORA-KOHYA-001")
 def test_a_module_without_alpha_computes_with_scaling_one(adapters):
     state = {k: v for k, v in _state(adapters).items() if not k.endswith(kohya.ALPHA)}
     scalings = diffusion_check.scalings(kohya.read(state, _bases()))
@@ -105,7 +107,7 @@ def test_what_kohya_cannot_hold_is_refused_when_writing(config, field):
 
 def test_an_embedding_adapter_is_refused_when_writing():
     with pytest.raises(ValueError, match="LoRA on an embedding"):
-        kohya.write({"text_encoder": ({"base_model.model.embeddings.token_embedding.lora_embedding_A": None}, {})})
+        kohya.write({"text_encoder": ({f"{PREFIX}embeddings.token_embedding.lora_embedding_A": None}, {})})
 
 
 def _differing(file, adapters, bases):
