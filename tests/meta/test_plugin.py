@@ -159,6 +159,16 @@ def test_the_draws_depend_on_the_profile_and_the_seed_alone(tmp_path, monkeypatc
     assert len(draws[0]) >= 30 and draws[0] == draws[1]
 
 
+def test_adapters_kept_in_half_precision_are_charged_to_init_006_not_to_every_load(tmp_path):
+    """A driver that keeps its factors in a bf16 base's dtype rounds peft's float32 values as it loads them: that is
+    LORA-INIT-006's departure, judged once; the values still read back as loaded, in the dtype the driver keeps."""
+    report = tmp_path / "report.json"
+    run_suite(*FWD, "--peft-impl=tests.mutants:AdaptersInBaseDtype", "--peft-dtype=bfloat16",
+              f"--peft-report={report}", "-k", "test_output_matches_peft")
+    statuses = {r: v["status"] for r, v in json.loads(report.read_text())["requirements"].items()}
+    assert statuses.get("LORA-KEYS-007") != "fail" and statuses["LORA-FWD-006"] != "not run", statuses
+
+
 def test_a_failure_is_short_and_its_repro_fails_the_same_way_in_a_fresh_shell(tmp_path):
     """Profile dev draws at random: the printed repro carries the seed and this interpreter's path, so pasted into a
     shell without this environment (no PYTHONPATH, no venv on PATH) it fails with the same numbers; and the whole
