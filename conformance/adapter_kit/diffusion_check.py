@@ -11,9 +11,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from reference_impl.peft_format import PREFIX, scaling
-from reference_impl.targeting import pattern_value
-
 from ..zoo import models
 from . import diffusers_layout, kohya
 
@@ -62,7 +59,7 @@ def check(path: Path, bases: dict, report, layout: str = "kohya"):
         return report
     for component, (values, config) in adapters.items():
         patterns = {k: len(config.get(k) or {}) for k in ("rank_pattern", "alpha_pattern")}
-        count = sum(".lora_A." in key for key in values)
+        count = len(kohya.adapted_paths(values))
         report.add("info", f"{layout}.modules", f"{component}: {count} modules, r {config.get('r', 8)}, alpha "
                    f"{config.get('lora_alpha', 8):g} ({patterns['rank_pattern']} other ranks, "
                    f"{patterns['alpha_pattern']} other alphas)" + (", rsLoRA" if config.get("use_rslora") else ""))
@@ -73,14 +70,8 @@ def check(path: Path, bases: dict, report, layout: str = "kohya"):
 
 def scalings(adapters: dict) -> dict[str, dict[str, tuple[int, float]]]:
     """Each adapted module's (rank, scaling) per component, as the adapters' configs define them."""
-    out = {}
-    for component, (values, config) in adapters.items():
-        out[component] = {}
-        for path in (key.removeprefix(PREFIX).split(".lora_A.")[0] for key in values if ".lora_A." in key):
-            r = pattern_value(path, config.get("rank_pattern") or {}, config.get("r", 8))
-            alpha = pattern_value(path, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8))
-            out[component][path] = (r, scaling(alpha, r, config.get("use_rslora", False)))
-    return out
+    return {component: {path: kohya.rank_and_scaling(path, config) for path in kohya.adapted_paths(values)}
+            for component, (values, config) in adapters.items()}
 
 
 def loaded_by_diffusers(file: Path, pipeline) -> dict[str, dict[str, tuple[int, float]]]:

@@ -48,16 +48,27 @@ def write(adapters: dict[str, tuple[dict, dict]]) -> dict[str, torch.Tensor]:
         if component not in COMPONENTS:
             raise ValueError(f"component {component!r}: expected one of {', '.join(COMPONENTS)}")
         _refuse_what_kohya_cannot_hold(component, values, config)
-        paths = sorted({key.removeprefix(PREFIX).split(".lora_A.")[0] for key in values if ".lora_A." in key})
-        for path in paths:
-            r = pattern_value(path, config.get("rank_pattern") or {}, config.get("r", 8))
-            alpha = pattern_value(path, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8))
+        for path in adapted_paths(values):
+            r, module_scaling = rank_and_scaling(path, config)
             named = path if component == "unet" or path.startswith(TEXT_MODEL) else TEXT_MODEL + path
             name = COMPONENTS[component] + flat(named)
             out[name + DOWN] = values[f"{PREFIX}{path}.lora_A.weight"]
             out[name + UP] = values[f"{PREFIX}{path}.lora_B.weight"]
-            out[name + ALPHA] = torch.tensor(scaling(alpha, r, config.get("use_rslora", False)) * r)
+            out[name + ALPHA] = torch.tensor(module_scaling * r)
     return out
+
+
+def adapted_paths(values: dict) -> list[str]:
+    """The module paths that peft-keyed adapter tensors adapt."""
+    return sorted({key.removeprefix(PREFIX).split(".lora_A.")[0] for key in values if ".lora_A." in key})
+
+
+def rank_and_scaling(path: str, config: dict) -> tuple[int, float]:
+    """A module's rank and scaling under LoraConfig fields (its rank_pattern / alpha_pattern entry, else r and
+    lora_alpha; rsLoRA if set)."""
+    r = pattern_value(path, config.get("rank_pattern") or {}, config.get("r", 8))
+    alpha = pattern_value(path, config.get("alpha_pattern") or {}, config.get("lora_alpha", 8))
+    return r, scaling(alpha, r, config.get("use_rslora", False))
 
 
 def _refuse_what_kohya_cannot_hold(component: str, values: dict, config: dict) -> None:
